@@ -1,0 +1,202 @@
+"""Configuration: YAML files in MONAI bundle style, overrides, validation, component building.
+
+Anything a user may swap (transforms, the network) is a ``_target_`` entry that
+:class:`monai.bundle.ConfigParser` instantiates, so a transform from the user's own module
+plugs in from YAML without touching petmonai::
+
+    >>> cfg = load_config("configs/train3d.yaml", overrides=["train.lr=1e-3"])
+    >>> preprocess = build_component(cfg, "preprocess")   # list of MONAI transforms
+
+A file may start from another with ``_base_: other.yaml`` (path relative to the file); its
+entries are merged into the base, dictionaries key by key, everything else replaced.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from petmonai.errors import ConfigError
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+# Known entries and their types. Sections in FREE_FORM are MONAI bundle content
+# (transform lists, networks) checked when ConfigParser builds them.
+_NUM = (int, float)
+_OPT_STR = (str, type(None))
+SCHEMA: dict[str, Any] = {
+    "seed": int,
+    "data": {
+        "root": _OPT_STR,
+        "skip_bad": bool,
+        "cache_workers": int,
+        "synthetic": {"n_nc": int, "n_mci": int, "n_test": int, "seed": int, "confounded": bool},
+    },
+    "cv": {
+        "protocol": str,
+        "folds": int,
+        "repeats": int,
+        "folds_file": _OPT_STR,
+        "allow_leaky": bool,
+    },
+    "spacing": list,
+    "spatial_size": list,
+    "crop_size": list,
+    "train": {
+        "max_epochs": int,
+        "batch_size": int,
+        "lr": _NUM,
+        "weight_decay": _NUM,
+        "val_fraction": _NUM,
+        "early_stop_patience": int,
+        "amp": bool,
+        "num_workers": int,
+        "device": str,
+        "threshold": (_NUM, str),
+        "progress_bar": bool,
+    },
+    "preprocess": list,
+    "augment": list,
+    "model": dict,
+    "imports": list,
+    "inference": dict,
+}
+FREE_FORM = {"preprocess", "augment", "model", "imports", "inference"}
+
+
+def default_config_path(name: str = "train3d.yaml") -> Path:
+    return REPO_CONFIGS / name
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Safe YAML read (no Python object tags) with ``_base_`` inheritance."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys to values")
+    base = data.pop("_base_", None)
+    if base:
+        data = deep_merge(read_yaml(path.parent / base), data)
+    return data
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and "_target_" not in value:
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_override(cfg: dict, assignment: str) -> None:
+    """Apply ``key.path=value`` in place; the value is parsed as YAML (``1e-3``, ``[1,2]``, ``null``).
+
+    List items are addressed by index (``augment.0.prob=0.3``). A key that does not exist is an
+    error, except inside a ``_target_`` entry, where it becomes a new keyword argument.
+    """
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}': expected key.path=value")
+    key_path, raw = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{assignment}': value is not valid YAML ({err})") from None
+    parts = key_path.strip().replace("#", ".").split(".")
+    node: Any = cfg
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                raise ConfigError(f"override '{key_path}': '{where}' is not an index of a list of {len(node)}")
+            if last:
+                node[int(part)] = value
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{key_path}': '{'.'.join(parts[:depth])}' is not a section")
+        if part not in node and not (last and "_target_" in node):
+            raise ConfigError(f"unknown config key '{where}'{_suggest(part, node)}")
+        if last:
+            node[part] = value
+        node = node.get(part)
+
+
+def _suggest(key: str, options) -> str:
+    close = difflib.get_close_matches(key, [str(o) for o in options], n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else f" (known: {', '.join(map(str, options))})"
+
+
+def validate(cfg: dict, schema: dict = SCHEMA, prefix: str = "") -> None:
+    """Unknown keys and wrong types fail with a message that names the key."""
+    for key, value in cfg.items():
+        where = f"{prefix}{key}"
+        if key not in schema:
+            raise ConfigError(f"unknown config key '{where}'{_suggest(key, schema)}")
+        expected = schema[key]
+        if isinstance(expected, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{where}' must be a section (mapping), got {value!r}")
+            validate(value, expected, f"{where}.")
+        elif prefix == "" and key in FREE_FORM:
+            continue
+        elif not _is_instance(value, expected):
+            raise ConfigError(f"config key '{where}' has the wrong type: {value!r} ({_type_names(expected)} expected)")
+
+
+def _is_instance(value, expected) -> bool:
+    kinds = expected if isinstance(expected, tuple) else (expected,)
+    flat = []
+    for k in kinds:
+        flat += list(k) if isinstance(k, tuple) else [k]
+    if isinstance(value, bool) and bool not in flat:
+        return False
+    return isinstance(value, tuple(flat))
+
+
+def _type_names(expected) -> str:
+    kinds = expected if isinstance(expected, tuple) else (expected,)
+    names = []
+    for k in kinds:
+        names += [t.__name__ for t in (k if isinstance(k, tuple) else (k,))]
+    return " or ".join(n.replace("NoneType", "null") for n in names)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+    """Read, override and validate a config; returns a plain dict (the *resolved* config)."""
+    cfg = read_yaml(path or default_config_path())
+    for assignment in overrides or []:
+        apply_override(cfg, assignment)
+    validate(cfg)
+    return cfg
+
+
+def build_component(cfg: dict, key: str):
+    """Instantiate ``cfg[key]`` (``_target_`` entries, ``@`` references, ``$`` expressions)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(copy.deepcopy(cfg))
+    try:
+        return parser.get_parsed_content(key, instantiate=True)
+    except Exception as err:
+        # MONAI reports the failing component in the message chain; keep it, drop the traceback
+        chain, cause = [str(err)], err.__cause__
+        while cause is not None:
+            chain.append(f"{type(cause).__name__}: {cause}")
+            cause = cause.__cause__
+        raise ConfigError(f"cannot build config entry '{key}': " + " <- ".join(chain)) from None
+
+
+def dump_yaml(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)

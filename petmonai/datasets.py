@@ -1,0 +1,95 @@
+"""Datasets: the deterministic preprocessing cached once per volume, and fold views of it.
+
+>>> cache = VolumeCache(items, preprocess)          # decodes every NIfTI once (MONAI CacheDataset)
+>>> train_ds = cache.subset(["MCI/3", "NC/1"], transform=augment)   # random augmentation per epoch
+
+A file that fails preprocessing is reported by name; with ``skip_bad=True`` it is left out and
+listed in ``cache.skipped`` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from monai.data import CacheDataset, Dataset
+from monai.transforms import Compose
+
+from petmonai.errors import DataError, PetmonaiError
+
+
+def describe_failure(err: BaseException) -> str:
+    """The innermost useful message of an exception raised inside a MONAI Compose."""
+    messages = []
+    while err is not None:
+        if isinstance(err, DataError):
+            return err.problem
+        text = str(err).strip()
+        if text and not text.startswith("applying transform"):
+            messages.append(f"{type(err).__name__}: {text.splitlines()[-1]}")
+        err = err.__cause__ or err.__context__
+    return messages[-1] if messages else "preprocessing failed"
+
+
+class _GuardedCacheDataset(CacheDataset):
+    """CacheDataset that records which items failed instead of aborting the whole fill."""
+
+    def __init__(self, *args, **kwargs):
+        self.failures: dict[int, str] = {}
+        super().__init__(*args, **kwargs)
+
+    def _load_cache_item(self, idx: int):
+        try:
+            return super()._load_cache_item(idx)
+        except Exception as err:  # reported per file by VolumeCache
+            self.failures[idx] = describe_failure(err)
+            return None
+
+
+class VolumeCache:
+    """Deterministic preprocessing of every item, run once and kept in memory.
+
+    Items are dicts with ``image`` (path), ``label`` and ``scan_id``.
+    """
+
+    def __init__(self, items: Sequence[dict], preprocess: Compose, num_workers: int = 2, skip_bad: bool = False):
+        self.items = list(items)
+        self.dataset = _GuardedCacheDataset(self.items, transform=preprocess, cache_rate=1.0,
+                                            num_workers=max(1, num_workers), progress=False)
+        self.skipped = [{"image": self.items[i]["image"], "problem": p} for i, p in sorted(self.dataset.failures.items())]
+        if self.skipped and not skip_bad:
+            first = self.skipped[0]
+            more = f" (and {len(self.skipped) - 1} more)" if len(self.skipped) > 1 else ""
+            raise DataError(first["image"], first["problem"] + more + "; --skip-bad leaves such files out")
+        failed = set(self.dataset.failures)
+        self.index = {item["scan_id"]: i for i, item in enumerate(self.items) if i not in failed}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def scan_ids(self) -> list[str]:
+        return list(self.index)
+
+    def __getitem__(self, scan_id: str) -> dict:
+        return self.dataset[self.index[scan_id]]
+
+    def subset(self, scan_ids: Sequence[str], transform=None) -> Dataset:
+        """A dataset over some cached volumes, optionally with (random) transforms on top."""
+        missing = [s for s in scan_ids if s not in self.index]
+        if missing:
+            raise PetmonaiError(f"scans not in the preprocessed cache: {missing[:5]}")
+        view = _CachedView(self.dataset, [self.index[s] for s in scan_ids])
+        return Dataset(view, transform=transform)
+
+
+class _CachedView(Sequence):
+    """Items of a cache, each returned as a shallow copy so transforms never alter the cache."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return dict(self.dataset[self.indices[i]])

@@ -1,0 +1,151 @@
+"""Run folders: atomic file writes, provenance, logging.
+
+Everything a run writes goes through :func:`atomic_write_text` / :func:`atomic_write_csv`
+(temporary file in the same folder, then ``os.replace``), so a crash never leaves a
+half-written file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from petmonai.errors import PetmonaiError
+
+LOGGER_NAME = "petmonai"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def atomic_write_csv(path: str | Path, df: pd.DataFrame) -> Path:
+    return atomic_write_text(path, df.to_csv(index=False))
+
+
+def _json_default(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def prepare_run_dir(path: str | Path | None, prefix: str = "train3d", overwrite: bool = False,
+                    root: str | Path = "runs") -> Path:
+    """Create the run folder. An existing non-empty folder is an error unless ``overwrite``."""
+    if path is None:
+        path = Path(root) / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise PetmonaiError(f"{path}: run folder exists and is not empty; pass --overwrite to replace it "
+                                "or --output-dir to choose another")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def git_commit() -> str | None:
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def versions() -> dict:
+    import ignite
+    import monai
+    import nibabel
+    import numpy
+    import sklearn
+    import torch
+
+    import petmonai
+
+    return {
+        "petmonai": petmonai.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "pytorch-ignite": ignite.__version__,
+        "numpy": numpy.__version__,
+        "nibabel": nibabel.__version__,
+        "pandas": pd.__version__,
+        "scikit-learn": sklearn.__version__,
+        "cuda": torch.version.cuda,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def provenance(seed: int, data_fingerprint: str | None, extra: dict | None = None) -> dict:
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "seed": seed,
+        "git_commit": git_commit(),
+        "data_fingerprint_sha256": data_fingerprint,
+        "versions": versions(),
+        **(extra or {}),
+    }
+
+
+def setup_logging(run_dir: str | Path | None = None, level: int = logging.INFO) -> logging.Logger:
+    """Console + ``<run_dir>/train.log`` logging for the ``petmonai`` logger tree."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(level)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if run_dir is not None:
+        file_handler = logging.FileHandler(Path(run_dir) / "train.log")
+        file_handler.setFormatter(fmt)
+        logger.addHandler(file_handler)
+    return logger
+
+
+def get_logger(name: str = "") -> logging.Logger:
+    return logging.getLogger(f"{LOGGER_NAME}.{name}" if name else LOGGER_NAME)

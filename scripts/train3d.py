@@ -1,0 +1,13 @@
+#!/usr/bin/env python
+"""Train and cross-validate the 3D ResNet-18 on brain FDG-PET (NC vs MCI).
+
+    python scripts/train3d.py                                   # demo on a synthetic cohort
+    python scripts/train3d.py --data-root ../shared/data/pet2023 --output-dir runs/real
+"""
+
+import sys
+
+from petmonai.cli import train3d_main
+
+if __name__ == "__main__":
+    sys.exit(train3d_main())
