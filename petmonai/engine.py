@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+from ignite.engine import Events
 from ignite.handlers import ProgressBar
 from ignite.metrics import Average
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
@@ -33,7 +36,7 @@ from monai.handlers import (
 from monai.inferers import SimpleInferer
 
 from petmonai.errors import PetmonaiError
-from petmonai.runs import LOGGER_NAME
+from petmonai.runs import LOGGER_NAME, atomic_write_csv
 
 BEST_CHECKPOINT = "best_model.pt"
 
@@ -154,11 +157,37 @@ def build_engines(
         engine_logger.removeHandler(handler)
     engine_logger.propagate = True
 
+    EpochHistory(fold_dir / "history.csv", optimizer, evaluator).attach(trainer)
+
     if progress_bar is None:
         progress_bar = bool(train_cfg.get("progress_bar", True)) and sys.stderr.isatty()
     if progress_bar:
         ProgressBar(persist=False).attach(trainer, output_transform=from_engine(["loss"], first=True))
     return trainer, evaluator
+
+
+class EpochHistory:
+    """Appends one row per epoch (loss, validation AUC, learning rate, seconds) to ``history.csv``."""
+
+    def __init__(self, path: Path, optimizer, evaluator=None):
+        self.path, self.optimizer, self.evaluator = Path(path), optimizer, evaluator
+        self.rows: list[dict] = []
+        self._start, self._lr = 0.0, float("nan")
+
+    def attach(self, trainer) -> None:
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._started)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._completed)
+
+    def _started(self, engine) -> None:
+        self._start = time.perf_counter()
+        self._lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trains with
+
+    def _completed(self, engine) -> None:
+        val = self.evaluator.state.metrics.get("val_auc", float("nan")) if self.evaluator else float("nan")
+        self.rows.append({"epoch": engine.state.epoch, "train_loss": engine.state.metrics.get("train_loss"),
+                          "val_auc": val, "lr": self._lr,
+                          "seconds": time.perf_counter() - self._start})
+        atomic_write_csv(self.path, pd.DataFrame(self.rows))
 
 
 def load_weights(net: torch.nn.Module, path: str | Path, device: torch.device) -> torch.nn.Module:
