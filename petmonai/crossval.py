@@ -49,7 +49,8 @@ def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, devic
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                       pin_memory=device.type == "cuda", generator=generator if shuffle else None,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0,
+                      drop_last=shuffle and len(dataset) % batch_size == 1)  # batch norm needs 2+ samples
 
 
 def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repeat: int, fold: int,

@@ -27,11 +27,9 @@ def resolve_data_root(cfg: dict) -> tuple[Path, bool]:
     """The configured data root, or a generated synthetic cohort. Returns ``(root, is_synthetic)``."""
     if cfg["data"].get("root"):
         return Path(cfg["data"]["root"]), False
-    from petmonai.synthetic import default_cohort_dir, generate_cohort
+    from petmonai.synthetic import cached_cohort
 
-    params = dict(cfg["data"]["synthetic"])
-    root = generate_cohort(default_cohort_dir(**params), **params)
-    return Path(root), True
+    return Path(cached_cohort(**cfg["data"]["synthetic"])), True
 
 
 def prepare_data(cfg: dict, run_dir: Path, log) -> tuple[pd.DataFrame, bool]:
