@@ -39,6 +39,8 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                              "(image,label[,subject,site]); omitted: a synthetic phantom cohort")
     parser.add_argument("--output-dir", type=Path, default=None, help="run folder (default: runs/<name>-<time>)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                        help="continue a killed run where it stopped (its own config, data and folds)")
     parser.add_argument("--cv", choices=["subject", "site-pair", "scan"], default=None, help="CV protocol")
     parser.add_argument("--folds", type=int, default=None, help="number of CV folds")
     parser.add_argument("--repeats", type=int, default=None, help="repeats of subject-grouped K-fold (new seeds)")

@@ -139,13 +139,14 @@ def build_engines(
                              global_epoch_transform=lambda _: trainer.state.epoch),
                 TensorBoardStatsHandler(log_dir=str(tb_dir), output_transform=lambda x: None,
                                         global_epoch_transform=lambda _: trainer.state.epoch, iteration_log=False),
-                CheckpointSaver(save_dir=str(fold_dir), save_dict={"model": net}, save_key_metric=True,
-                                key_metric_n_saved=1, key_metric_filename=BEST_CHECKPOINT,
-                                key_metric_greater_or_equal=True),
-                EarlyStopHandler(patience=int(train_cfg["early_stop_patience"]), trainer=trainer,
-                                 score_function=stopping_fn_from_metric("val_auc")),
+                best_checkpoint := CheckpointSaver(
+                    save_dir=str(fold_dir), save_dict={"model": net}, save_key_metric=True, key_metric_n_saved=1,
+                    key_metric_filename=BEST_CHECKPOINT, key_metric_greater_or_equal=True),
+                early_stop := EarlyStopHandler(patience=int(train_cfg["early_stop_patience"]), trainer=trainer,
+                                               score_function=stopping_fn_from_metric("val_auc")),
             ],
         )
+        evaluator._handlers_for_resume = {"early_stop": early_stop, "best_checkpoint": best_checkpoint}
         ValidationHandler(validator=evaluator, interval=1, epoch_level=True).attach(trainer)
     else:
         CheckpointSaver(save_dir=str(fold_dir), save_dict={"model": net}, save_final=True,
@@ -157,7 +158,8 @@ def build_engines(
         engine_logger.removeHandler(handler)
     engine_logger.propagate = True
 
-    EpochHistory(fold_dir / "history.csv", optimizer, evaluator).attach(trainer)
+    trainer.history = EpochHistory(fold_dir / "history.csv", optimizer, evaluator)
+    trainer.history.attach(trainer)
 
     if progress_bar is None:
         progress_bar = bool(train_cfg.get("progress_bar", True)) and sys.stderr.isatty()
@@ -217,3 +219,142 @@ def predict_probabilities(net: torch.nn.Module, loader, device: torch.device, am
         out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
+
+
+def _randomizables(root, depth: int = 4) -> list:
+    """Every MONAI ``Randomizable`` reachable from ``root`` (a Compose), in a stable order."""
+    from monai.transforms import Randomizable
+
+    found, seen, frontier = [], set(), [root]
+    for _ in range(depth):
+        nxt = []
+        for obj in frontier:
+            children = getattr(obj, "transforms", None)
+            children = list(children) if isinstance(children, (list, tuple)) else []
+            children += [v for k, v in sorted(vars(obj).items()) if isinstance(v, Randomizable)] if hasattr(obj, "__dict__") else []
+            for child in children:
+                if id(child) in seen:
+                    continue
+                seen.add(id(child))
+                if isinstance(child, Randomizable):
+                    found.append(child)
+                nxt.append(child)
+        frontier = nxt
+    return found
+
+
+def _np_state_to_torch(state) -> dict:
+    name, keys, pos, has_gauss, cached = state
+    return {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _np_state_from_torch(d) -> tuple:
+    return (d["name"], d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["cached"])
+
+
+class TrainingState:
+    """A resumable checkpoint of one fold, written atomically at the end of every epoch.
+
+    Holds the weights, optimiser, LR schedule, gradient scaler, Ignite engine state, early-stop
+    and best-checkpoint bookkeeping, the per-epoch history and every random state (torch, numpy,
+    Python, the loader's shuffling generator, each random transform), so a run killed mid-fold
+    continues exactly where it stopped. Loaded with ``weights_only=True``: it holds only tensors
+    and plain containers.
+
+    >>> state = TrainingState(fold_dir / "checkpoint.pt", trainer, evaluator, augment, generator)
+    >>> state.attach(trainer); state.restore()   # restore() is a no-op when no checkpoint exists
+    """
+
+    def __init__(self, path, trainer, evaluator, augment, generator: torch.Generator | None, history=None):
+        self.path = Path(path)
+        self.trainer, self.evaluator, self.generator, self.history = trainer, evaluator, generator, history
+        self.random_transforms = _randomizables(augment) if augment is not None else []
+
+    def attach(self, trainer) -> None:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def _handlers(self):
+        handlers = getattr(self.evaluator, "_handlers_for_resume", {}) if self.evaluator else {}
+        return handlers.get("early_stop"), handlers.get("best_checkpoint")
+
+    def state_dict(self) -> dict:
+        import random
+
+        t = self.trainer
+        early, best = self._handlers()
+        return {
+            "model": t.network.state_dict(),
+            "optimizer": t.optimizer.state_dict(),
+            "scheduler": t.optimizer_scheduler.state_dict(),
+            "scaler": t.scaler.state_dict() if getattr(t, "scaler", None) is not None else {},
+            "engine": {"epoch": t.state.epoch, "iteration": t.state.iteration, "max_epochs": t.state.max_epochs,
+                       "finished": bool(t.should_terminate or t.state.epoch >= t.state.max_epochs)},
+            "evaluator": {"best_metric": float(getattr(self.evaluator.state, "best_metric", -1.0)),
+                          "best_metric_epoch": int(getattr(self.evaluator.state, "best_metric_epoch", -1))}
+            if self.evaluator else {},
+            "early_stop": {"counter": early._handler.counter,
+                           "best_score": early._handler.best_score} if early is not None else {},
+            "best_checkpoint": [[float(p), str(f)] for p, f in best._key_metric_checkpoint._saved]
+            if best is not None and best._key_metric_checkpoint is not None else [],
+            "history": list(self.history.rows) if self.history else [],
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": _np_state_to_torch(np.random.get_state()),
+                "python": random.getstate(),
+                "loader": self.generator.get_state() if self.generator is not None else torch.zeros(0),
+                "transforms": [_np_state_to_torch(r.R.get_state()) for r in self.random_transforms],
+            },
+        }
+
+    def save(self, engine=None) -> None:
+        import io
+
+        from petmonai.runs import atomic_write_bytes
+
+        buffer = io.BytesIO()
+        torch.save(self.state_dict(), buffer)
+        atomic_write_bytes(self.path, buffer.getvalue())
+
+    def restore(self) -> bool:
+        """Load the checkpoint if there is one; returns True when training had already finished."""
+        import random
+
+        if not self.path.is_file():
+            return False
+        try:
+            s = torch.load(str(self.path), map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise PetmonaiError(f"{self.path}: cannot load resumable checkpoint ({type(err).__name__}: {err})") from None
+        t = self.trainer
+        t.network.load_state_dict(s["model"])
+        t.optimizer.load_state_dict(s["optimizer"])
+        t.optimizer_scheduler.load_state_dict(s["scheduler"])
+        if s["scaler"]:
+            t.scaler = torch.amp.GradScaler("cuda")
+            t.scaler.load_state_dict(s["scaler"])
+        t.state.iteration = s["engine"]["iteration"]
+        t.state.epoch = s["engine"]["epoch"]
+        t.state.max_epochs = s["engine"]["max_epochs"]
+        if self.evaluator is not None and s["evaluator"]:
+            self.evaluator.state.best_metric = s["evaluator"]["best_metric"]
+            self.evaluator.state.best_metric_epoch = s["evaluator"]["best_metric_epoch"]
+        early, best = self._handlers()
+        if early is not None and s["early_stop"]:
+            early._handler.counter = s["early_stop"]["counter"]
+            early._handler.best_score = s["early_stop"]["best_score"]
+        if best is not None and best._key_metric_checkpoint is not None:
+            from ignite.handlers.checkpoint import Checkpoint
+
+            best._key_metric_checkpoint._saved = [Checkpoint.Item(p, f) for p, f in s["best_checkpoint"]]
+        if self.history is not None:
+            self.history.rows = list(s["history"])
+        rng = s["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(_np_state_from_torch(rng["numpy"]))
+        random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
+        if self.generator is not None and rng["loader"].numel():
+            self.generator.set_state(rng["loader"])
+        for transform, state in zip(self.random_transforms, rng["transforms"]):
+            transform.R.set_state(_np_state_from_torch(state))
+        return bool(s["engine"]["finished"])

@@ -28,7 +28,7 @@ from petmonai.errors import PetmonaiError
 
 PROTOCOLS = ("subject", "site-pair", "scan")
 LEAKY_PROTOCOLS = ("scan",)
-FOLD_COLUMNS = ["repeat", "fold", "scan_id", "subject", "site", "label", "role"]
+FOLD_COLUMNS = ["repeat", "fold", "scan_id", "subject", "site", "label", "role", "protocol"]
 
 
 def _grouped_kfold(labels, groups, n_splits: int, seed: int):
@@ -109,7 +109,7 @@ def make_folds(
             val_mask = inner_validation(fit, val_fraction, rseed + fold)
             for idx, role in ((fit.index[~val_mask], "train"), (fit.index[val_mask], "val"), (test_idx, "test")):
                 part = train.loc[idx, ["scan_id", "subject", "site", "label"]].assign(
-                    repeat=repeat, fold=fold, role=role)
+                    repeat=repeat, fold=fold, role=role, protocol=protocol)
                 rows.append(part)
     table = pd.concat(rows, ignore_index=True)[FOLD_COLUMNS]
     table.attrs["protocol"] = protocol
@@ -134,6 +134,9 @@ def load_folds(path: str | Path, train: pd.DataFrame) -> pd.DataFrame:
     missing = set(FOLD_COLUMNS) - set(table.columns)
     if missing:
         raise PetmonaiError(f"{path}: not a folds file (missing columns {sorted(missing)})")
+    if table["protocol"].nunique() != 1:
+        raise PetmonaiError(f"{path}: folds file mixes protocols {sorted(table['protocol'].unique())}")
+    table.attrs["protocol"] = str(table["protocol"].iloc[0])
     unknown = set(table["scan_id"]) - set(train["scan_id"])
     if unknown:
         raise PetmonaiError(f"{path}: folds name scans that are not in this data set, e.g. {sorted(unknown)[:3]}")

@@ -54,8 +54,9 @@ def prepare_data(cfg: dict, run_dir: Path, log) -> tuple[pd.DataFrame, bool]:
 
 def train_command(args, default_config: str, demo_config: str, prefix: str) -> dict:
     """Everything ``train3d.py`` does; returns the metrics."""
-    from petmonai.crossval import run_cross_validation
 
+    if getattr(args, "resume", None):
+        return resume_command(args)
     config_path = args.config or default_config_path(demo_config if args.data_root is None else default_config)
     from petmonai.cli import cli_overrides
 
@@ -72,15 +73,55 @@ def train_command(args, default_config: str, demo_config: str, prefix: str) -> d
         int(cfg["seed"]), fingerprint(train_files),
         {"config_file": str(config_path), "class_mapping": {name: i for i, name in enumerate(CLASS_NAMES)},
          "positive_class": "MCI", "synthetic_data": synthetic, "device": str(device)}))
+    return finish_training(cfg, datalist, run_dir, device, synthetic, log)
 
-    result = run_cross_validation(cfg, datalist, run_dir, device)
+
+def resume_command(args) -> dict:
+    """Continue a killed run: same config, data (checked by fingerprint) and folds."""
+    import json
+
+    from petmonai.config import read_yaml, validate
+    from petmonai.errors import PetmonaiError
+
+    run_dir = Path(args.resume)
+    for name in ("config.yaml", "provenance.json", "folds.csv"):
+        if not (run_dir / name).is_file():
+            raise PetmonaiError(f"{run_dir}: cannot resume, {name} is missing (not a started run folder)")
+    cfg = read_yaml(run_dir / "config.yaml")
+    validate(cfg)
+    device = resolve_device(args.device or cfg["train"]["device"])
+    log = setup_logging(run_dir)
+    log.info("resuming %s on %s", run_dir, device)
+    root, synthetic = resolve_data_root(cfg)
+    datalist = discover(root, skip_bad=bool(cfg["data"].get("skip_bad")))
+    recorded = json.loads((run_dir / "provenance.json").read_text()).get("data_fingerprint_sha256")
+    current = fingerprint(datalist.loc[datalist["split"] == "train", "image"])
+    if recorded and recorded != current:
+        raise PetmonaiError(f"{root}: the training files changed since the run started (fingerprint "
+                            f"{current[:12]} != {recorded[:12]}); start a new run instead of resuming")
+    return finish_training(cfg, datalist, run_dir, device, synthetic, log, resume=True)
+
+
+def finish_training(cfg, datalist, run_dir, device, synthetic, log, resume: bool = False) -> dict:
+    from petmonai.crossval import run_cross_validation
+
+    result = run_cross_validation(cfg, datalist, run_dir, device, resume=resume)
     m = result["metrics"]
-    p = m["pooled"]
-    log.info("%s CV (%s%s): pooled out-of-fold ROC AUC %.3f, balanced accuracy %.3f, F1(MCI) %.3f, "
-             "fold AUC mean %.3f", m["protocol"], "LEAKY, " if m["leaky"] else "", "synthetic" if synthetic else "real",
-             p["roc_auc"], p["balanced_accuracy"], p["f1"], m["fold_auc"]["mean"])
+    log.info("%s CV (%s%s), 3D CNN: %s", m["protocol"], "LEAKY, " if m["leaky"] else "",
+             "synthetic" if synthetic else "real", m["headline"]["text"])
+    if result.get("reference"):
+        log.info("%s CV, PCA + LR reference on the same folds: %s", m["protocol"],
+                 result["reference"]["metrics"]["headline"]["text"])
     if synthetic:
         log.warning("(synthetic data: these numbers show the pipeline works, nothing about patients)")
+    if (cfg.get("report") or {}).get("write", True):
+        from petmonai.report import build_report
+
+        try:
+            log.info("report: %s", build_report(run_dir))
+        except Exception as err:  # training results are safe on disk; the report can be rebuilt
+            log.error("report failed (%s: %s); rebuild it with: python scripts/report.py %s",
+                      type(err).__name__, err, run_dir)
     log.info("results in %s", run_dir)
     return m
 
