@@ -344,6 +344,17 @@ def audit_datalist(df: pd.DataFrame, properties=None, auc_threshold: float | Non
     voxels = {c: _range(test[c]) for c in ("voxel_x", "voxel_y", "voxel_z") if c in test.columns}
     if voxels and len(test):
         test_entry["voxel_sizes"] = voxels
+    # the submission has one row per Test file, keyed by the integer uuid of its name
+    bad_uuid = [str(i) for u, i in zip(_as_text(test["uuid"]), test["image"]) if not (u.isascii() and u.isdigit())]
+    test_entry["non_integer_uuid"] = bad_uuid
+    if bad_uuid:
+        warnings.append(
+            f"WARNING: {len(bad_uuid)} Test file(s) are not named <integer uuid>.nii[.gz] "
+            f"({', '.join(bad_uuid[:5])}{' ...' if len(bad_uuid) > 5 else ''}): the submission is keyed by "
+            "that uuid, so predict.py refuses them; rename them"
+        )
+    if not len(test):
+        notes.append("NOTE: no Test scans (no Test/ folder, or it is empty): nothing to predict")
     other_splits = sorted(set(df["split"]) - {"train", "test"})
     if other_splits:
         notes.append(f"NOTE: rows with split {other_splits} are neither train nor test and are "

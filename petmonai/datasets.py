@@ -9,25 +9,38 @@ listed in ``cache.skipped`` instead.
 
 from __future__ import annotations
 
+import gzip
+import zlib
 from collections.abc import Sequence
 
 from monai.data import CacheDataset, Dataset
 from monai.transforms import Compose
 
 from petmonai.errors import DataError, PetmonaiError
+from petmonai.runs import get_logger
+
+log = get_logger("data")
+
+
+_DAMAGED = (EOFError, zlib.error, gzip.BadGzipFile)
 
 
 def describe_failure(err: BaseException) -> str:
     """The innermost useful message of an exception raised inside a MONAI Compose."""
-    messages = []
+    messages, damaged = [], False
     while err is not None:
         if isinstance(err, DataError):
             return err.problem
+        damaged = damaged or isinstance(err, _DAMAGED)
         text = str(err).strip()
         if text and not text.startswith("applying transform"):
             messages.append(f"{type(err).__name__}: {text.splitlines()[-1]}")
         err = err.__cause__ or err.__context__
-    return messages[-1] if messages else "preprocessing failed"
+    if not messages:
+        return "preprocessing failed"
+    if damaged:  # a truncated or corrupt .nii.gz: say so in words, keep the decoder's message
+        return f"damaged compressed data ({messages[-1]}): the file is corrupt or truncated; re-copy or re-export it"
+    return messages[-1]
 
 
 class _GuardedCacheDataset(CacheDataset):
@@ -57,9 +70,11 @@ class VolumeCache:
                                             num_workers=max(1, num_workers), progress=False)
         self.skipped = [{"image": self.items[i]["image"], "problem": p} for i, p in sorted(self.dataset.failures.items())]
         if self.skipped and not skip_bad:
-            first = self.skipped[0]
-            more = f" (and {len(self.skipped) - 1} more)" if len(self.skipped) > 1 else ""
-            raise DataError(first["image"], first["problem"] + more + "; --skip-bad leaves such files out")
+            from petmonai.data import bad_files_error
+
+            raise bad_files_error(self.skipped)
+        for item in self.skipped:
+            log.warning("skipped %s: %s", item["image"], item["problem"])
         failed = set(self.dataset.failures)
         self.index = {item["scan_id"]: i for i, item in enumerate(self.items) if i not in failed}
 

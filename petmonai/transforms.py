@@ -24,13 +24,22 @@ def source_file(img) -> str:
 
 
 class CheckVolume(Transform):
-    """Reject volumes a network must never see: NaN/Inf, empty, or not 3D after channel-first.
+    """Reject volumes a network must never see: NaN/Inf, empty, or not 3D after channel-first,
+    or decoded from a damaged ``.nii.gz`` (``verify_file``: the gzip checksum of the file the
+    volume was loaded from is verified, since the NIfTI reader stops before it).
 
     >>> CheckVolume()(torch.rand(1, 64, 64, 40)).shape
     torch.Size([1, 64, 64, 40])
     """
 
+    def __init__(self, verify_file: bool = True):
+        self.verify_file = verify_file
+
     def __call__(self, img):
+        if self.verify_file and source_file(img).endswith(".gz"):  # first: a damaged file explains the rest
+            from petmonai.data import verify_gzip
+
+            verify_gzip(source_file(img))
         if img.ndim != 4 or img.shape[0] != 1:
             raise DataError(source_file(img), f"expected one channel and 3 spatial axes, got shape {tuple(img.shape)}")
         data = torch.as_tensor(img)
@@ -45,9 +54,9 @@ class CheckVolume(Transform):
 class CheckVolumed(MapTransform):
     """Dictionary twin of :class:`CheckVolume`."""
 
-    def __init__(self, keys: KeysCollection = "image", allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection = "image", allow_missing_keys: bool = False, verify_file: bool = True):
         super().__init__(keys, allow_missing_keys)
-        self.check = CheckVolume()
+        self.check = CheckVolume(verify_file)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
