@@ -6,29 +6,41 @@
 Per fold the model trains on the ``train`` scans, picks its best epoch and stops early on the
 ``val`` scans (training subjects set aside), and is then evaluated once on the ``test`` scans,
 which it never influenced.
+
+Under torchrun every process runs this same code (:mod:`petmonai.distributed`): the training
+scans of each epoch are split between the ranks, validation and test predictions are gathered,
+and rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from monai.data import DataLoader
+from monai.data import DataLoader, Dataset, DistributedSampler
 from monai.utils import set_determinism
 
+from petmonai import distributed as dist
 from petmonai.data import train_rows
 from petmonai.datasets import VolumeCache
-from petmonai.engine import BEST_CHECKPOINT, build_engines, load_weights, predict_probabilities
-from petmonai.metrics import classification_metrics
+from petmonai.engine import (BEST_CHECKPOINT, TrainingState, build_engines, configure_backends, load_weights,
+                             memory_format, predict_probabilities)
+from petmonai.metrics import evaluate_cv, scored_predictions
 from petmonai.models import build_model, count_parameters
 from petmonai.runs import atomic_write_csv, atomic_write_json, get_logger
 from petmonai.splits import LEAKY_PROTOCOLS, fold_ids, fold_members, load_folds, make_folds
 from petmonai.transforms import build_pipelines
 
 log = get_logger("cv")
+
+FOLD_PREDICTIONS = "predictions.csv"   # a fold's test and val predictions
+FOLD_RESULT = "fold_result.json"       # written last: the fold is finished
+RESUME_CHECKPOINT = "checkpoint.pt"    # resumable state, rewritten every epoch
 
 
 def fold_dir_name(repeat: int, fold: int) -> str:
@@ -45,107 +57,183 @@ def build_cache(cfg: dict, datalist: pd.DataFrame, preprocess) -> VolumeCache:
     return cache
 
 
-def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, device: torch.device, seed: int = 0):
+def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, device: torch.device, seed: int = 0,
+                distributed: bool = False, pin_memory: bool | None = None):
+    """A loader; with ``distributed`` and several processes, this rank's part of ``dataset``:
+    training (``shuffle``) through :class:`petmonai.distributed.DistributedBatchSampler` (every
+    item once per epoch across ranks), evaluation split without padding duplicates."""
+    pin = device.type == "cuda" if pin_memory is None else pin_memory
+    world = dist.world_size() if distributed else 1
+    if world > 1 and shuffle:
+        sampler = dist.DistributedBatchSampler(len(dataset), batch_size, world, dist.rank(), seed)
+        # the generator only seeds the loader's workers (their random transforms): different per rank
+        workers_seed = torch.Generator().manual_seed(seed + dist.RANK_SEED_STRIDE * dist.rank())
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin,
+                          generator=workers_seed, persistent_workers=num_workers > 0)
+    sampler = None
+    if world > 1 and len(dataset) >= world:  # (fewer items than ranks: every rank takes them all,
+        # which leaves a gathered ROC AUC unchanged: each positive-negative pair counted world^2 times)
+        sampler = DistributedSampler(dataset, shuffle=False, even_divisible=False)
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", generator=generator if shuffle else None,
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
+                      pin_memory=pin, generator=generator if shuffle else None,
                       persistent_workers=num_workers > 0,
                       drop_last=shuffle and len(dataset) % batch_size == 1)  # batch norm needs 2+ samples
 
 
+class _DeviceView(Sequence):
+    """Cached items with their image already on ``device`` (copied there once per fold), each
+    returned as a shallow copy: the random augmentation then runs on that device."""
+
+    def __init__(self, cache: VolumeCache, scan_ids, device: torch.device):
+        self.items = []
+        for sid in scan_ids:
+            item = dict(cache[sid])
+            item["image"] = torch.as_tensor(item["image"]).to(device)
+            self.items.append(item)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return dict(self.items[i])
+
+
+def training_dataset(cache: VolumeCache, scan_ids, augment, device: torch.device, on_device: bool):
+    """The augmented training set: random transforms in the loader (CPU, workers), or with
+    ``on_device`` (``train.augment_on_device``) on the training device, in the main process."""
+    if not on_device:
+        return cache.subset(scan_ids, augment)
+    missing = [s for s in scan_ids if s not in cache.index]
+    if missing:
+        cache.subset(missing)  # raises the cache's own error
+    return Dataset(_DeviceView(cache, scan_ids, device), transform=augment)
+
+
+def _finished_fold(out_dir: Path) -> dict | None:
+    if (out_dir / FOLD_PREDICTIONS).is_file() and (out_dir / FOLD_RESULT).is_file():
+        return json.loads((out_dir / FOLD_RESULT).read_text())
+    return None
+
+
 def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repeat: int, fold: int,
                run_dir: Path, device: torch.device) -> dict:
-    """Train one fold; returns its test/val predictions and timing."""
+    """Train one fold (or continue it from its resumable checkpoint); returns its test/val
+    predictions and training facts. A finished fold is read back from its folder, not retrained."""
+    out_dir = run_dir / fold_dir_name(repeat, fold)
+    done = dist.on_main(_finished_fold, out_dir)  # rank 0 reads the run folder
+    if done is not None:
+        log.info("repeat %d fold %d: already finished, read from %s", repeat, fold, out_dir)
+        preds = pd.read_csv(out_dir / FOLD_PREDICTIONS, dtype={"scan_id": str}) if dist.is_main() else None
+        return {**done, "predictions": preds}
     tcfg = cfg["train"]
     seed = int(cfg["seed"]) + 100 * repeat + fold
     set_determinism(seed=seed)
-    augment.set_random_state(seed=seed)
+    configure_backends(device, tcfg)
+    augment.set_random_state(seed=seed + dist.RANK_SEED_STRIDE * dist.rank())  # rank 0: seed
     ids = {role: fold_members(folds, repeat, fold, role) for role in ("train", "val", "test")}
-    out_dir = run_dir / fold_dir_name(repeat, fold)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
 
-    workers = int(tcfg.get("num_workers", 0))
-    train_loader = make_loader(cache.subset(ids["train"], augment), int(tcfg["batch_size"]), True, workers, device, seed)
-    val_loader = (make_loader(cache.subset(ids["val"]), int(tcfg["batch_size"]), False, 0, device)
+    workers, bs = int(tcfg.get("num_workers", 0)), int(tcfg["batch_size"])
+    on_device = bool(tcfg.get("augment_on_device", False))
+    train_set = training_dataset(cache, ids["train"], augment, device, on_device)
+    train_loader = make_loader(train_set, bs, True, 0 if on_device else workers, device, seed, distributed=True,
+                               pin_memory=False if on_device else None)
+    val_loader = (make_loader(cache.subset(ids["val"]), bs, False, 0, device, distributed=True)
                   if ids["val"] else None)
     net = build_model(cfg["model"], cfg).to(device)
     trainer, evaluator = build_engines(net, train_loader, val_loader, out_dir, tcfg, device)
-    log.info("repeat %d fold %d: %d train / %d val / %d test scans", repeat, fold,
-             len(ids["train"]), len(ids["val"]), len(ids["test"]))
+    state = TrainingState(out_dir / RESUME_CHECKPOINT, trainer, evaluator, augment, train_loader.generator,
+                          trainer.history)
+    finished = state.restore()
+    state.attach(trainer)
+    trace = dist.RankTrace.from_env({"repeat": repeat, "fold": fold})
+    if trace is not None:
+        trace.attach(trainer, evaluator)
+    log.info("repeat %d fold %d: %d train / %d val / %d test scans%s", repeat, fold, len(ids["train"]),
+             len(ids["val"]), len(ids["test"]),
+             f", resumed after epoch {trainer.state.epoch}" if trainer.state.epoch else "")
     t0 = time.perf_counter()
-    trainer.run()
+    if not finished:
+        trainer.run()
     seconds = time.perf_counter() - t0
 
-    load_weights(net, out_dir / BEST_CHECKPOINT, device)
-    preds = []
+    if dist.is_main():
+        load_weights(net, out_dir / BEST_CHECKPOINT, device)
+    dist.broadcast_module(net)  # rank 0's best weights on every rank
+    if trace is not None:
+        trace.record("best", digest=dist.state_digest(net))
+    preds, fmt = [], memory_format(device, tcfg)
     for role in ("test", "val"):
         if not ids[role]:
             continue
-        loader = make_loader(cache.subset(ids[role]), int(tcfg["batch_size"]), False, 0, device)
-        probs = predict_probabilities(net, loader, device, bool(tcfg.get("amp", True)))
+        loader = make_loader(cache.subset(dist.shard(ids[role])), bs, False, 0, device)  # this rank's share
+        # float64 so that predictions read back from predictions.csv (resume) are bit-identical
+        probs = predict_probabilities(net, loader, device, bool(tcfg.get("amp", True)), fmt).astype(np.float64)
+        if dist.world_size() > 1:
+            probs = np.asarray(dist.gather_sharded(probs.tolist()), dtype=np.float64)
         preds.append(pd.DataFrame({"repeat": repeat, "fold": fold, "role": role, "scan_id": ids[role],
                                    "prob_mci": probs}))
     best_epoch = getattr(evaluator.state, "best_metric_epoch", trainer.state.epoch) if evaluator else trainer.state.epoch
-    best_val_auc = float(evaluator.state.best_metric) if evaluator else float("nan")
-    return {
-        "predictions": pd.concat(preds, ignore_index=True),
+    info = {
         "epochs_run": int(trainer.state.epoch),
         "best_epoch": int(best_epoch),
-        "best_val_auc": best_val_auc,
-        "train_seconds": seconds,
-        "train_volumes": len(ids["train"]) * int(trainer.state.epoch),
+        "best_val_auc": float(evaluator.state.best_metric) if evaluator else float("nan"),
         "parameters": count_parameters(net),
     }
+    predictions = pd.concat(preds, ignore_index=True)
+    if dist.is_main():
+        atomic_write_csv(out_dir / FOLD_PREDICTIONS, predictions)
+        atomic_write_json(out_dir / "timing.json", {"train_seconds": seconds, "processes": dist.world_size(),
+                                                    "train_volumes": len(ids["train"]) * info["epochs_run"]})
+        atomic_write_json(out_dir / FOLD_RESULT, info)  # written last: marks the fold as finished
+    return {**info, "predictions": predictions}
 
 
-def summarise(predictions: pd.DataFrame, datalist: pd.DataFrame, protocol: str, threshold: float,
-              fold_info: list[dict]) -> dict:
-    """Pooled out-of-fold metrics (per repeat, then averaged) and per-fold metrics."""
-    test = predictions[predictions["role"] == "test"].merge(
-        datalist[["scan_id", "label", "subject", "site"]], on="scan_id")
-    per_fold = []
-    for info in fold_info:
-        part = test[(test["repeat"] == info["repeat"]) & (test["fold"] == info["fold"])]
-        per_fold.append({**{k: v for k, v in info.items() if k != "predictions"},
-                         **classification_metrics(part["label"], part["prob_mci"], threshold)})
-    pooled_by_repeat = [classification_metrics(p["label"], p["prob_mci"], threshold) for _, p in test.groupby("repeat")]
-    keys = ["roc_auc", "balanced_accuracy", "sensitivity", "specificity", "f1", "macro_f1"]
-    pooled = {k: float(np.mean([m[k] for m in pooled_by_repeat])) for k in keys}
-    pooled["n"] = int(len(test) / max(1, test["repeat"].nunique()))
-    fold_auc = [f["roc_auc"] for f in per_fold if not np.isnan(f["roc_auc"])]
-    return {
-        "protocol": protocol,
-        "leaky": protocol in LEAKY_PROTOCOLS,
-        "positive_class": "MCI",
-        "threshold": threshold,
-        "pooled": pooled,
-        "fold_auc": {"mean": float(np.mean(fold_auc)) if fold_auc else float("nan"),
-                     "sd": float(np.std(fold_auc, ddof=1)) if len(fold_auc) > 1 else float("nan"),
-                     "min": float(np.min(fold_auc)) if fold_auc else float("nan")},
-        "per_fold": per_fold,
-    }
+def summarise(predictions: pd.DataFrame, datalist: pd.DataFrame, protocol: str, threshold,
+              fold_info: list[dict], n_boot: int = 2000, seed: int = 0) -> dict:
+    """Pooled out-of-fold metrics (per repeat, then averaged), per-fold and per-site metrics, each
+    with a 95% CI resampling subjects; ``threshold`` a number or ``'tuned'`` (on each fold's ``val``
+    predictions). See :func:`petmonai.metrics.evaluate_cv` for the layout of the result."""
+    return evaluate_cv(predictions, datalist, protocol, threshold, fold_info, n_boot=n_boot, seed=seed,
+                       leaky_protocols=LEAKY_PROTOCOLS)
 
 
-def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path, device: torch.device) -> dict:
-    """Preprocess once, make (or reuse) folds, train every fold, write predictions and metrics."""
+def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path, device: torch.device,
+                         resume: bool = False) -> dict:
+    """Preprocess once, make (or reuse) folds, train every fold, write predictions and metrics.
+
+    ``resume=True`` continues a run folder: its own folds, finished folds read back, an
+    unfinished fold continued from its resumable checkpoint."""
     run_dir = Path(run_dir)
     train = train_rows(datalist)
     preprocess, augment = build_pipelines(cfg)
-    cache = build_cache(cfg, train, preprocess)
+    cache = build_cache(cfg, train, preprocess)  # every rank holds the whole cache
     if cache.skipped:
-        atomic_write_csv(run_dir / "skipped.csv", pd.DataFrame(cache.skipped))
+        if dist.is_main():
+            atomic_write_csv(run_dir / "skipped.csv", pd.DataFrame(cache.skipped))
         log.warning("skipped %d unreadable volume(s), listed in skipped.csv", len(cache.skipped))
         train = train[train["scan_id"].isin(cache.scan_ids)].reset_index(drop=True)
 
     cv = cfg["cv"]
-    if cv.get("folds_file"):
-        folds = load_folds(cv["folds_file"], train)
-        protocol = str(folds.attrs.get("protocol", cv["protocol"]))
-    else:
-        protocol = cv["protocol"]
-        folds = make_folds(train, protocol, int(cv["folds"]), int(cv["repeats"]), int(cfg["seed"]),
-                           float(cfg["train"]["val_fraction"]), bool(cv.get("allow_leaky", False)))
-    atomic_write_csv(run_dir / "folds.csv", folds)
+
+    def decide_folds():
+        folds_file = run_dir / "folds.csv" if resume else cv.get("folds_file")
+        if folds_file:
+            folds = load_folds(folds_file, train)
+            protocol = str(folds.attrs.get("protocol", cv["protocol"]))
+        else:
+            protocol = cv["protocol"]
+            folds = make_folds(train, protocol, int(cv["folds"]), int(cv["repeats"]), int(cfg["seed"]),
+                               float(cfg["train"]["val_fraction"]), bool(cv.get("allow_leaky", False)))
+        atomic_write_csv(run_dir / "folds.csv", folds)
+        return folds, protocol
+
+    folds, protocol = dist.on_main(decide_folds)  # rank 0 reads and writes; every rank gets its folds
+    if dist.world_size() > 1:
+        log.info("%d processes (%s): each trains on its share of every epoch's scans", dist.world_size(),
+                 torch.distributed.get_backend())
     if protocol in LEAKY_PROTOCOLS:
         log.warning("CV protocol '%s' is LEAKY: scans of one subject can sit on both sides of a fold", protocol)
 
@@ -155,16 +243,29 @@ def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path,
         info.update(repeat=repeat, fold=fold)
         predictions.append(info["predictions"])
         fold_info.append(info)
-        log.info("repeat %d fold %d: best epoch %d of %d, val AUC %.3f, %.0fs", repeat, fold, info["best_epoch"],
-                 info["epochs_run"], info["best_val_auc"], info["train_seconds"])
+        log.info("repeat %d fold %d: best epoch %d of %d, val AUC %.3f", repeat, fold, info["best_epoch"],
+                 info["epochs_run"], info["best_val_auc"])
+    if not dist.is_main():  # rank 0 summarises and writes the results
+        return {"metrics": None, "folds": folds, "predictions": None, "reference": None}
 
     preds = pd.concat(predictions, ignore_index=True)
-    threshold = float(cfg["train"]["threshold"])
-    metrics = summarise(preds, train, protocol, threshold, fold_info)
-    test_preds = preds[preds["role"] == "test"].merge(
+    rcfg = cfg.get("report") or {}
+    n_boot, threshold = int(rcfg.get("bootstrap", 2000)), cfg["train"]["threshold"]
+    metrics = summarise(preds, train, protocol, threshold, fold_info, n_boot=n_boot, seed=int(cfg["seed"]))
+    test_preds = scored_predictions(preds[preds["role"] == "test"], metrics).merge(
         train[["scan_id", "uuid", "image", "subject", "site", "label", "class_name"]], on="scan_id")
-    test_preds["pred_label"] = np.where(test_preds["prob_mci"] >= threshold, "MCI", "NC")
     atomic_write_csv(run_dir / "oof_predictions.csv", test_preds.drop(columns=["role"]))
     atomic_write_csv(run_dir / "val_predictions.csv", preds[preds["role"] == "val"])
     atomic_write_json(run_dir / "metrics.json", metrics)
-    return {"metrics": metrics, "folds": folds, "predictions": test_preds}
+    log.info("3D CNN: %s", metrics["headline"]["text"])
+
+    reference = None
+    if rcfg.get("reference_model", True):
+        from petmonai.reference import run_reference_cv
+
+        try:  # the CNN's results are written; a failing reference must not lose them
+            reference = run_reference_cv(cfg, train, folds, run_dir / "reference", protocol=protocol)
+        except Exception as err:  # reported, and the report says the reference is missing
+            log.error("reference model failed (%s: %s); add it later with: python scripts/report.py %s --reference",
+                      type(err).__name__, err, run_dir)
+    return {"metrics": metrics, "folds": folds, "predictions": test_preds, "reference": reference}

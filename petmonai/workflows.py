@@ -1,19 +1,25 @@
 """What the commands do, top to bottom: data, audit, folds, training, outputs.
 
 Scripts stay thin: they parse options (:mod:`petmonai.cli`) and call these functions.
+
+Under ``torchrun`` the training commands run in every process (:func:`petmonai.distributed.run_parallel`);
+rank 0 alone touches the run folder and logs at INFO level, the other ranks log warnings only.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pandas as pd
 
 from petmonai import CLASS_NAMES
+from petmonai import distributed as dist
 from petmonai.audit import audit_datalist, audit_text, write_audit
 from petmonai.config import default_config_path, dump_yaml, load_config
 from petmonai.data import discover, fingerprint
 from petmonai.engine import resolve_device
+from petmonai.errors import PetmonaiError
 from petmonai.runs import atomic_write_csv, atomic_write_json, atomic_write_text, get_logger, prepare_run_dir, \
     provenance, setup_logging
 
@@ -42,6 +48,8 @@ def prepare_data(cfg: dict, run_dir: Path, log) -> tuple[pd.DataFrame, bool]:
     datalist = discover(root, skip_bad=bool(cfg["data"].get("skip_bad")), skipped=skipped)
     if skipped:
         atomic_write_csv(run_dir / "skipped_headers.csv", pd.DataFrame(skipped))
+        for item in skipped:
+            log.warning("skipped %s: %s", item["image"], item["problem"])
         log.warning("skipped %d unreadable file(s), listed in skipped_headers.csv", len(skipped))
     atomic_write_csv(run_dir / "datalist.csv", datalist)
     report = audit_datalist(datalist)
@@ -61,44 +69,110 @@ def train_command(args, default_config: str, demo_config: str, prefix: str) -> d
     from petmonai.cli import cli_overrides
 
     cfg = load_config(config_path, [*args.overrides, *cli_overrides(args)])
-    device = resolve_device(cfg["train"]["device"])
-    run_dir = prepare_run_dir(args.output_dir, prefix=prefix, overwrite=args.overwrite)
-    log = setup_logging(run_dir)
+    return dist.run_parallel(cfg["train"]["device"], _train, cfg, config_path, args, prefix)
+
+
+def _rank_logging(run_dir: Path | None) -> logging.Logger:
+    """The run's logging on rank 0 (console + train.log); warnings on the console elsewhere."""
+    if dist.is_main():
+        return setup_logging(run_dir)
+    return setup_logging(None, level=logging.WARNING)
+
+
+def _train(cfg: dict, config_path, args, prefix: str) -> dict | None:
+    """:func:`train_command` after the config, in every process under torchrun."""
+    device = dist.local_device(resolve_device(cfg["train"]["device"]))
+    existed = args.output_dir is not None and Path(args.output_dir).exists()
+    run_dir = Path(dist.on_main(lambda: str(prepare_run_dir(args.output_dir, prefix=prefix, overwrite=args.overwrite))))
+    log = _rank_logging(run_dir)
     log.info("run folder: %s (config %s, device %s)", run_dir, config_path, device)
 
-    datalist, synthetic = prepare_data(cfg, run_dir, log)
-    train_files = datalist.loc[datalist["split"] == "train", "image"]
-    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
-    atomic_write_json(run_dir / "provenance.json", provenance(
-        int(cfg["seed"]), fingerprint(train_files),
-        {"config_file": str(config_path), "class_mapping": {name: i for i, name in enumerate(CLASS_NAMES)},
-         "positive_class": "MCI", "synthetic_data": synthetic, "device": str(device)}))
-    return finish_training(cfg, datalist, run_dir, device, synthetic, log)
+    def write_inputs():
+        datalist, synthetic = prepare_data(cfg, run_dir, log)
+        train_files = datalist.loc[datalist["split"] == "train", "image"]
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        atomic_write_json(run_dir / "provenance.json", provenance(
+            int(cfg["seed"]), fingerprint(train_files),
+            {"config_file": str(config_path), "class_mapping": {name: i for i, name in enumerate(CLASS_NAMES)},
+             "positive_class": "MCI", "synthetic_data": synthetic, "device": str(device),
+             "processes": dist.world_size()}))
+        return datalist, synthetic
+
+    try:
+        datalist, synthetic = dist.on_main(write_inputs)  # rank 0 discovers and writes; every rank gets the datalist
+        return finish_training(cfg, datalist, run_dir, device, synthetic, log)
+    except PetmonaiError:
+        if dist.is_main():
+            discard_unstarted_run(run_dir, remove_folder=not existed)
+        raise
+
+
+def discard_unstarted_run(run_dir: Path, remove_folder: bool) -> None:
+    """After a user error (a bad file, a bad option) before the folds were made: remove what the
+    run wrote (log, datalist, audit, config), so no partial run is left and the same command
+    works again once the input is fixed. A run with ``folds.csv`` has started and is kept, for
+    ``--resume``."""
+    import shutil
+
+    if (run_dir / "folds.csv").exists():
+        return
+    logger = get_logger()
+    for handler in list(logger.handlers):  # release train.log
+        if isinstance(handler, logging.FileHandler):
+            logger.removeHandler(handler)
+            handler.close()
+    if remove_folder:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    else:  # the user's own (empty) folder: keep it, empty
+        for child in run_dir.iterdir():
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+    logger.info("run not started: %s %s", run_dir, "removed" if remove_folder else "emptied")
 
 
 def resume_command(args) -> dict:
     """Continue a killed run: same config, data (checked by fingerprint) and folds."""
+    device_name = args.device
+    if device_name is None:  # under torchrun the process group's backend follows the run's device
+        try:
+            from petmonai.config import read_yaml
+
+            device_name = read_yaml(Path(args.resume) / "config.yaml")["train"]["device"]
+        except Exception:  # a missing or bad config is reported below, by rank 0
+            device_name = "auto"
+    return dist.run_parallel(device_name, _resume, args)
+
+
+def _resume(args) -> dict | None:
     import json
 
     from petmonai.config import read_yaml, validate
-    from petmonai.errors import PetmonaiError
 
     run_dir = Path(args.resume)
-    for name in ("config.yaml", "provenance.json", "folds.csv"):
-        if not (run_dir / name).is_file():
-            raise PetmonaiError(f"{run_dir}: cannot resume, {name} is missing (not a started run folder)")
-    cfg = read_yaml(run_dir / "config.yaml")
-    validate(cfg)
-    device = resolve_device(args.device or cfg["train"]["device"])
-    log = setup_logging(run_dir)
+
+    def read_config():
+        for name in ("config.yaml", "provenance.json", "folds.csv"):
+            if not (run_dir / name).is_file():
+                raise PetmonaiError(f"{run_dir}: cannot resume, {name} is missing (not a started run folder)")
+        cfg = read_yaml(run_dir / "config.yaml")
+        validate(cfg)
+        return cfg
+
+    cfg = dist.on_main(read_config)  # rank 0 reads the run folder; every rank gets its config
+    device = dist.local_device(resolve_device(args.device or cfg["train"]["device"]))
+    log = _rank_logging(run_dir)
     log.info("resuming %s on %s", run_dir, device)
-    root, synthetic = resolve_data_root(cfg)
-    datalist = discover(root, skip_bad=bool(cfg["data"].get("skip_bad")))
-    recorded = json.loads((run_dir / "provenance.json").read_text()).get("data_fingerprint_sha256")
-    current = fingerprint(datalist.loc[datalist["split"] == "train", "image"])
-    if recorded and recorded != current:
-        raise PetmonaiError(f"{root}: the training files changed since the run started (fingerprint "
-                            f"{current[:12]} != {recorded[:12]}); start a new run instead of resuming")
+
+    def read_data():
+        root, synthetic = resolve_data_root(cfg)
+        datalist = discover(root, skip_bad=bool(cfg["data"].get("skip_bad")))
+        recorded = json.loads((run_dir / "provenance.json").read_text()).get("data_fingerprint_sha256")
+        current = fingerprint(datalist.loc[datalist["split"] == "train", "image"])
+        if recorded and recorded != current:
+            raise PetmonaiError(f"{root}: the training files changed since the run started (fingerprint "
+                                f"{current[:12]} != {recorded[:12]}); start a new run instead of resuming")
+        return datalist, synthetic
+
+    datalist, synthetic = dist.on_main(read_data)
     return finish_training(cfg, datalist, run_dir, device, synthetic, log, resume=True)
 
 
@@ -106,6 +180,8 @@ def finish_training(cfg, datalist, run_dir, device, synthetic, log, resume: bool
     from petmonai.crossval import run_cross_validation
 
     result = run_cross_validation(cfg, datalist, run_dir, device, resume=resume)
+    if not dist.is_main():  # rank 0 reports and writes the rest
+        return None
     m = result["metrics"]
     log.info("%s CV (%s%s), 3D CNN: %s", m["protocol"], "LEAKY, " if m["leaky"] else "",
              "synthetic" if synthetic else "real", m["headline"]["text"])

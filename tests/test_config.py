@@ -12,7 +12,8 @@ from petmonai.transforms import build_pipelines
 def test_default_and_demo_configs_load():
     cfg = load_config(default_config_path("train3d.yaml"))
     demo = load_config(default_config_path("demo3d.yaml"))
-    assert demo["cv"]["folds"] == 3 and demo["spacing"] == cfg["spacing"]  # _base_ merged key by key
+    assert demo["cv"]["folds"] == 3 and demo["train"]["batch_size"] == cfg["train"]["batch_size"]  # merged key by key
+    assert demo["preprocess"] == cfg["preprocess"]
     assert cfg["model"]["name"] == "resnet18_3d"
 
 
