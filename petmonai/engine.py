@@ -4,11 +4,15 @@
 >>> trainer.run()
 
 Mixed precision runs on CUDA only (bf16 where the GPU supports it, else fp16 with a gradient
-scaler); on CPU the same code runs in plain fp32.
+scaler); on CPU the same code runs in plain fp32. The other speed switches of ``train:``
+(``channels_last``, ``cudnn_benchmark``, ``compile``) are read here too; every one of them also
+runs on CPU. Under torchrun (:mod:`petmonai.distributed`) the trainer's network is wrapped in
+``DistributedDataParallel`` and only rank 0 writes files.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -21,6 +25,7 @@ from ignite.engine import Events
 from ignite.handlers import ProgressBar
 from ignite.metrics import Average
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines.utils import default_prepare_batch
 from monai.engines.workflow import Workflow
 from monai.handlers import (
     CheckpointSaver,
@@ -35,6 +40,7 @@ from monai.handlers import (
 )
 from monai.inferers import SimpleInferer
 
+from petmonai import distributed as dist
 from petmonai.errors import PetmonaiError
 from petmonai.runs import LOGGER_NAME, atomic_write_csv
 
@@ -57,6 +63,39 @@ def amp_settings(device: torch.device, enabled: bool = True) -> tuple[bool, dict
         return False, {}
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return True, {"dtype": dtype}
+
+
+def channels_last(device: torch.device, train_cfg: dict) -> bool:
+    """Whether model and inputs use ``torch.channels_last_3d``: ``auto`` on CUDA only, or true/false."""
+    value = train_cfg.get("channels_last", "auto")
+    if value == "auto":
+        return device.type == "cuda"
+    if not isinstance(value, bool):
+        raise PetmonaiError(f"config key 'train.channels_last': auto, true or false, got {value!r}")
+    return value
+
+
+def memory_format(device: torch.device, train_cfg: dict) -> torch.memory_format:
+    return torch.channels_last_3d if channels_last(device, train_cfg) else torch.contiguous_format
+
+
+def configure_backends(device: torch.device, train_cfg: dict) -> None:
+    """cuDNN autotuning on CUDA (``train.cudnn_benchmark``): picks the fastest convolution
+    algorithms for the fixed input shape, at the price of bit-for-bit reproducibility. Call after
+    ``set_determinism``, which turns it off."""
+    if device.type == "cuda" and bool(train_cfg.get("cudnn_benchmark", True)):
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.deterministic = False
+
+
+def prepare_batch(batchdata, device=None, non_blocking: bool = False,
+                  memory_format: torch.memory_format = torch.contiguous_format, **kwargs):
+    """MONAI's default batch preparation (image, label to the device), the image laid out in
+    ``memory_format`` (``channels_last_3d`` on GPU)."""
+    image, *rest = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
+    if memory_format is not torch.contiguous_format and image.ndim == 5:
+        image = image.contiguous(memory_format=memory_format)
+    return (image, *rest)
 
 
 class PetTrainer(SupervisedTrainer):
@@ -89,9 +128,20 @@ def build_engines(
     best checkpoint by validation AUC, early stopping, console + TensorBoard stats.
 
     ``val_loader=None`` trains without validation and keeps the final weights as the best.
+
+    Speed switches of ``train_cfg``: ``channels_last`` (the network is converted in place),
+    ``compile`` (``torch.compile`` of the training network), ``amp`` (CUDA only). With several
+    processes the trainer trains a ``DistributedDataParallel`` wrapper of ``net``; the evaluator,
+    checkpoints and ``trainer.history`` use ``net`` itself. Files are written by rank 0 only.
     """
     fold_dir = Path(fold_dir)
     amp, amp_kwargs = amp_settings(device, train_cfg.get("amp", True))
+    fmt = memory_format(device, train_cfg)
+    if fmt is not torch.contiguous_format:
+        net.to(memory_format=fmt)
+    batch_fn = functools.partial(prepare_batch, memory_format=fmt)
+    main = dist.is_main()
+    train_net = dist.wrap_ddp(net, device, sync_bn=bool(train_cfg.get("sync_bn", True)))
     max_epochs = int(train_cfg["max_epochs"])
     optimizer = torch.optim.AdamW(net.parameters(), lr=float(train_cfg["lr"]),
                                   weight_decay=float(train_cfg["weight_decay"]))
@@ -99,46 +149,59 @@ def build_engines(
     log_name = f"{LOGGER_NAME}.engine"
     tb_dir = fold_dir / "tensorboard"
 
-    trainer_handlers = [
-        LrScheduleHandler(lr_scheduler=scheduler, print_lr=False),
-        StatsHandler(name=log_name, output_transform=lambda x: None, iteration_log=False),
-        TensorBoardStatsHandler(log_dir=str(tb_dir), tag_name="train_loss_iteration",
-                                output_transform=from_engine(["loss"], first=True)),
-    ]
+    trainer_handlers = [LrScheduleHandler(lr_scheduler=scheduler, print_lr=False)]
+    if main:
+        trainer_handlers += [
+            StatsHandler(name=log_name, output_transform=lambda x: None, iteration_log=False),
+            TensorBoardStatsHandler(log_dir=str(tb_dir), tag_name="train_loss_iteration",
+                                    output_transform=from_engine(["loss"], first=True)),
+        ]
     trainer = PetTrainer(
         device=device,
         max_epochs=max_epochs,
         train_data_loader=train_loader,
-        network=net,
+        network=train_net,
         optimizer=optimizer,
         loss_function=torch.nn.CrossEntropyLoss(),
         inferer=SimpleInferer(),
         amp=amp,
         amp_kwargs=amp_kwargs,
         non_blocking=device.type == "cuda",
+        prepare_batch=batch_fn,
         key_train_metric={"train_loss": Average(output_transform=from_engine(["loss"], first=True))},
         metric_cmp_fn=lambda current, best: current < best,  # a loss: lower is better
         train_handlers=trainer_handlers,
+        compile=bool(train_cfg.get("compile", False)),
+        compile_kwargs=dict(train_cfg.get("compile_kwargs") or {}),
     )
     trainer.optimizer_scheduler = scheduler  # kept for resumable checkpoints
+    trainer.plain_network = net  # the module inside DDP / torch.compile: checkpoints, evaluation
+    sampler = getattr(train_loader, "batch_sampler", None)
+    if hasattr(sampler, "set_epoch"):  # petmonai.distributed.DistributedBatchSampler: a new order per epoch
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: sampler.set_epoch(engine.state.epoch))
+    if dist.world_size() > 1:  # every rank validates and saves rank 0's batch-norm statistics
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: dist.broadcast_buffers(net))
 
     evaluator = None
     if val_loader is not None:
         evaluator = SupervisedEvaluator(
             device=device,
             val_data_loader=val_loader,
-            network=net,
+            network=net,  # not the DDP wrapper: ranks may hold different numbers of validation scans
             inferer=SimpleInferer(),
+            # ROCAUC all-gathers its predictions across ranks before computing: one AUC on every rank
             key_val_metric={"val_auc": ROCAUC(output_transform=mci_probability)},
             amp=amp,
             amp_kwargs=amp_kwargs,
             non_blocking=device.type == "cuda",
+            prepare_batch=batch_fn,
             metric_cmp_fn=lambda current, best: current >= best,  # ties: keep the later, longer-trained epoch
             val_handlers=[
-                StatsHandler(name=log_name, output_transform=lambda x: None, iteration_log=False,
-                             global_epoch_transform=lambda _: trainer.state.epoch),
-                TensorBoardStatsHandler(log_dir=str(tb_dir), output_transform=lambda x: None,
-                                        global_epoch_transform=lambda _: trainer.state.epoch, iteration_log=False),
+                *([StatsHandler(name=log_name, output_transform=lambda x: None, iteration_log=False,
+                                global_epoch_transform=lambda _: trainer.state.epoch),
+                   TensorBoardStatsHandler(log_dir=str(tb_dir), output_transform=lambda x: None,
+                                           global_epoch_transform=lambda _: trainer.state.epoch,
+                                           iteration_log=False)] if main else []),
                 best_checkpoint := CheckpointSaver(
                     save_dir=str(fold_dir), save_dict={"model": net}, save_key_metric=True, key_metric_n_saved=1,
                     key_metric_filename=BEST_CHECKPOINT, key_metric_greater_or_equal=True),
@@ -158,21 +221,23 @@ def build_engines(
         engine_logger.removeHandler(handler)
     engine_logger.propagate = True
 
-    trainer.history = EpochHistory(fold_dir / "history.csv", optimizer, evaluator)
+    trainer.history = EpochHistory(fold_dir / "history.csv", optimizer, evaluator, write=main)
     trainer.history.attach(trainer)
 
     if progress_bar is None:
         progress_bar = bool(train_cfg.get("progress_bar", True)) and sys.stderr.isatty()
+    progress_bar = progress_bar and main
     if progress_bar:
         ProgressBar(persist=False).attach(trainer, output_transform=from_engine(["loss"], first=True))
     return trainer, evaluator
 
 
 class EpochHistory:
-    """Appends one row per epoch (loss, validation AUC, learning rate, seconds) to ``history.csv``."""
+    """Appends one row per epoch (loss, validation AUC, learning rate, seconds) to ``history.csv``
+    (kept in memory only with ``write=False``: the ranks other than 0)."""
 
-    def __init__(self, path: Path, optimizer, evaluator=None):
-        self.path, self.optimizer, self.evaluator = Path(path), optimizer, evaluator
+    def __init__(self, path: Path, optimizer, evaluator=None, write: bool = True):
+        self.path, self.optimizer, self.evaluator, self.write = Path(path), optimizer, evaluator, write
         self.rows: list[dict] = []
         self._start, self._lr = 0.0, float("nan")
 
@@ -189,7 +254,8 @@ class EpochHistory:
         self.rows.append({"epoch": engine.state.epoch, "train_loss": engine.state.metrics.get("train_loss"),
                           "val_auc": val, "lr": self._lr,
                           "seconds": time.perf_counter() - self._start})
-        atomic_write_csv(self.path, pd.DataFrame(self.rows))
+        if self.write:
+            atomic_write_csv(self.path, pd.DataFrame(self.rows))
 
 
 def load_weights(net: torch.nn.Module, path: str | Path, device: torch.device) -> torch.nn.Module:
@@ -207,13 +273,16 @@ def load_weights(net: torch.nn.Module, path: str | Path, device: torch.device) -
 
 
 @torch.no_grad()
-def predict_probabilities(net: torch.nn.Module, loader, device: torch.device, amp: bool = True) -> np.ndarray:
+def predict_probabilities(net: torch.nn.Module, loader, device: torch.device, amp: bool = True,
+                          memory_format: torch.memory_format = torch.contiguous_format) -> np.ndarray:
     """P(MCI) for every item of ``loader``, in order (no augmentation)."""
     use_amp, amp_kwargs = amp_settings(device, amp)
     net.eval()
     out = []
     for batch in loader:
         images = batch["image"].to(device, non_blocking=device.type == "cuda")
+        if memory_format is not torch.contiguous_format:
+            images = images.contiguous(memory_format=memory_format)
         with torch.autocast("cuda", enabled=use_amp, **amp_kwargs):
             logits = net(images)
         out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy())
@@ -260,7 +329,9 @@ class TrainingState:
     and best-checkpoint bookkeeping, the per-epoch history and every random state (torch, numpy,
     Python, the loader's shuffling generator, each random transform), so a run killed mid-fold
     continues exactly where it stopped. Loaded with ``weights_only=True``: it holds only tensors
-    and plain containers.
+    and plain containers. With several processes every rank's random states are gathered into
+    the checkpoint (``rank_rng``), rank 0 writes it, and on resume rank 0 reads it and sends it
+    to the others.
 
     >>> state = TrainingState(fold_dir / "checkpoint.pt", trainer, evaluator, augment, generator)
     >>> state.attach(trainer); state.restore()   # restore() is a no-op when no checkpoint exists
@@ -278,13 +349,26 @@ class TrainingState:
         handlers = getattr(self.evaluator, "_handlers_for_resume", {}) if self.evaluator else {}
         return handlers.get("early_stop"), handlers.get("best_checkpoint")
 
-    def state_dict(self) -> dict:
+    def _rng_state(self) -> dict:
         import random
 
+        return {
+            "torch": torch.get_rng_state(),
+            "numpy": _np_state_to_torch(np.random.get_state()),
+            "python": random.getstate(),
+            "loader": self.generator.get_state() if self.generator is not None else torch.zeros(0),
+            "transforms": [_np_state_to_torch(r.R.get_state()) for r in self.random_transforms],
+        }
+
+    def state_dict(self) -> dict:
+        """The whole state; with several processes call it on rank 0 while the others call
+        :meth:`save` (it gathers every rank's random states)."""
         t = self.trainer
         early, best = self._handlers()
+        rng = self._rng_state()
+        extra = {"rank_rng": dist.all_gather_object(rng)} if dist.world_size() > 1 else {}
         return {
-            "model": t.network.state_dict(),
+            "model": dist.unwrap(t.network).state_dict(),
             "optimizer": t.optimizer.state_dict(),
             "scheduler": t.optimizer_scheduler.state_dict(),
             "scaler": t.scaler.state_dict() if getattr(t, "scaler", None) is not None else {},
@@ -298,13 +382,8 @@ class TrainingState:
             "best_checkpoint": [[float(p), str(f)] for p, f in best._key_metric_checkpoint._saved]
             if best is not None and best._key_metric_checkpoint is not None else [],
             "history": list(self.history.rows) if self.history else [],
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "numpy": _np_state_to_torch(np.random.get_state()),
-                "python": random.getstate(),
-                "loader": self.generator.get_state() if self.generator is not None else torch.zeros(0),
-                "transforms": [_np_state_to_torch(r.R.get_state()) for r in self.random_transforms],
-            },
+            "rng": rng,
+            **extra,
         }
 
     def save(self, engine=None) -> None:
@@ -312,22 +391,34 @@ class TrainingState:
 
         from petmonai.runs import atomic_write_bytes
 
+        if not dist.is_main():  # send this rank's random states to rank 0, which writes
+            dist.all_gather_object(self._rng_state())
+            return
+        state = self.state_dict()
         buffer = io.BytesIO()
-        torch.save(self.state_dict(), buffer)
+        torch.save(state, buffer)
         atomic_write_bytes(self.path, buffer.getvalue())
 
     def restore(self) -> bool:
         """Load the checkpoint if there is one; returns True when training had already finished."""
+        import io
         import random
 
-        if not self.path.is_file():
+        if dist.world_size() > 1:
+            data = dist.read_on_main(self.path)
+            if data is None:
+                return False
+            source = io.BytesIO(data)
+        elif not self.path.is_file():
             return False
+        else:
+            source = str(self.path)
         try:
-            s = torch.load(str(self.path), map_location="cpu", weights_only=True)
+            s = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as err:
             raise PetmonaiError(f"{self.path}: cannot load resumable checkpoint ({type(err).__name__}: {err})") from None
         t = self.trainer
-        t.network.load_state_dict(s["model"])
+        dist.unwrap(t.network).load_state_dict(s["model"])
         t.optimizer.load_state_dict(s["optimizer"])
         t.optimizer_scheduler.load_state_dict(s["scheduler"])
         if s["scaler"]:
@@ -350,6 +441,14 @@ class TrainingState:
         if self.history is not None:
             self.history.rows = list(s["history"])
         rng = s["rng"]
+        per_rank = s.get("rank_rng") or []
+        other_world = len(per_rank) != dist.world_size() and (dist.world_size() > 1 or bool(per_rank))
+        if dist.world_size() > 1 and not other_world:
+            rng = per_rank[dist.rank()]
+        elif other_world:
+            logging.getLogger(f"{LOGGER_NAME}.engine").warning(
+                "%s was written by %d process(es), resumed with %d: random augmentation differs from an "
+                "uninterrupted run", self.path, max(1, len(per_rank)), dist.world_size())
         torch.set_rng_state(rng["torch"])
         np.random.set_state(_np_state_from_torch(rng["numpy"]))
         random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
@@ -357,4 +456,8 @@ class TrainingState:
             self.generator.set_state(rng["loader"])
         for transform, state in zip(self.random_transforms, rng["transforms"]):
             transform.R.set_state(_np_state_from_torch(state))
+        if other_world and dist.rank() > 0:  # rank 0's states restored: the other ranks draw other numbers
+            for i, transform in enumerate(self.random_transforms):
+                transform.set_random_state(seed=(int(t.state.epoch) * 7919 + dist.RANK_SEED_STRIDE * dist.rank() + i)
+                                           % 2**32)
         return bool(s["engine"]["finished"])
