@@ -1,0 +1,982 @@
+"""The test-time-augmented fold ensemble and the challenge submission writer.
+
+    run folder + new volumes
+      -> the run's own preprocessing (its saved ``config.yaml``)
+      -> views (3D: sliding windows of the training crop x test-time flips)
+      -> every fold model of the run -> softmax P(MCI) averaged over views and models
+      -> the run's decision threshold -> ``submission.csv``, ``probabilities.csv``, provenance
+
+>>> from petmonai.inference import predict
+>>> result = predict("runs/real", ["../shared/data/pet2023/Test"], "out/submission.csv")
+>>> result.table[["uuid", "prob_mci", "label"]].head()
+
+How a volume is turned into network inputs is a *view strategy* (:data:`VIEW_STRATEGIES`),
+chosen by ``inference.views`` in the run config (``auto``: from the model). The 3D strategy,
+:class:`SlidingWindowFlips3D`, is implemented here; a 2D slice model registers its own
+(random slice draws and crops) with :func:`register_views` and predicts through the same
+command, the same ensemble and the same writers.
+
+Options come from :data:`COMMON_DEFAULTS` and the strategy's ``defaults``, then the run
+config's ``inference:`` section, then the command line (``--set inference.overlap=0.25``,
+``--flips all``...). Unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import hashlib
+import itertools
+import json
+import math
+import time
+import zlib
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from monai.data import MetaTensor
+
+from petmonai import CLASS_NAMES
+from petmonai.data import is_nifti, nifti_stem, read_header
+from petmonai.errors import ConfigError, DataError, PetmonaiError
+from petmonai.runs import atomic_write_csv, atomic_write_json, atomic_write_text, get_logger
+
+log = get_logger("predict")
+
+MCI_INDEX = CLASS_NAMES.index("MCI")
+
+SUBMISSION = "submission.csv"
+PROBABILITIES = "probabilities.csv"
+PROVENANCE = "prediction_provenance.json"
+SKIPPED = "skipped.csv"
+SALIENCY_DIR = "saliency"
+
+PROBABILITY_COLUMNS = ["uuid", "file", "prob_mci", "label", "prob_sd", "prob_sd_folds", "n_views", "n_models",
+                       "subject", "subject_in_training"]
+
+COMMON_DEFAULTS: dict = {
+    "views": "auto",          # view strategy (VIEW_STRATEGIES); auto: from the model
+    "batch_size": 16,         # views per forward pass
+    "device": "auto",         # auto | cpu | cuda
+    "amp": "auto",            # auto: CUDA autocast (bf16, else fp16), fp32 on CPU; true: also bf16 on a CPU
+                              # with native bf16; false: fp32 everywhere
+    "threshold": None,        # null: the run's decision threshold (metrics.json)
+    "folds": "all",           # all, or a list of fold numbers (every repeat) to use a subset of the models
+    "workers": 2,             # threads that read and preprocess the input volumes
+    "threads": None,          # torch CPU threads while predicting (null: torch's default)
+    "optimize": "auto",       # auto: on CPU in fp32, TorchScript-freeze each model for oneDNN (~2x faster,
+                              # checked against the plain model, which is used if anything differs); none
+    "min_extent_fraction": 0.5,  # a volume must span this fraction of the crop's extent (mm) on each axis
+    "saliency_layer": "layer4",  # Grad-CAM target layer (a module name of the network)
+    "saliency_class": "predicted",  # predicted | MCI | NC: the class whose evidence Grad-CAM maps
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# view strategies
+
+
+VIEW_STRATEGIES: dict[str, type] = {}
+"""Name -> view strategy class. A strategy turns one preprocessed volume into network inputs."""
+
+DEFAULT_VIEWS_BY_MODEL: dict[str, str] = {"resnet18_3d": "sliding_window_3d"}
+"""``views: auto`` picks the strategy registered for the run's model name; 3D otherwise."""
+
+
+def register_views(name: str, *model_names: str):
+    """Class decorator: register a view strategy (and make it the default for ``model_names``)."""
+
+    def wrap(cls):
+        cls.name = name
+        VIEW_STRATEGIES[name] = cls
+        for model in model_names:
+            DEFAULT_VIEWS_BY_MODEL[model] = name
+        return cls
+
+    return wrap
+
+
+class ViewStrategy:
+    """Test-time views of one preprocessed volume.
+
+    Subclasses set ``defaults`` (their own option keys and default values) and implement
+    :meth:`views`, which returns every view as one batch ``(N, C, ...)`` of network inputs, and
+    :meth:`labels`, one short description per view (e.g. ``"flip=0 window=3"``). The ensemble feeds
+    the same views to every fold model. ``rng`` is seeded per volume (from its uuid), so random
+    strategies give the same views every time. The 2D slice model plugs in like this::
+
+        @register_views("random_slices_2d", "resnet18_2d")       # default views of that model
+        class RandomSlices2D(ViewStrategy):
+            defaults = {"passes": 10}                            # the baseline's 10 random passes
+            def views(self, volume, rng):                        # -> (passes, 50, H, W)
+                return torch.stack([draw_slices_and_crop(volume, rng) for _ in range(self.options["passes"])])
+            def labels(self, volume_shape):
+                return [f"pass={i}" for i in range(self.options["passes"])]
+
+    and ``predict.py``, the fold ensemble, the threshold and every output stay as they are.
+    """
+
+    name = "base"
+    defaults: dict = {}
+
+    def __init__(self, cfg: dict, options: dict):
+        self.cfg, self.options = cfg, options
+
+    def views(self, volume: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def labels(self, volume_shape: Sequence[int]) -> list[str]:
+        raise NotImplementedError
+
+    def describe(self, volume_shape: Sequence[int] | None = None) -> dict:
+        return {"views": self.name}
+
+    def prepare_network(self, net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        return net
+
+    def example_input(self) -> torch.Tensor:
+        """A batch of the shape the views have (to check an optimised network against the plain one)."""
+        raise NotImplementedError
+
+
+FLIP_PRESETS = {"none": [()], "lr": [(), (0,)], "all": None}
+
+
+def parse_flips(spec) -> list[tuple[int, ...]]:
+    """Test-time flips as tuples of spatial axes (0 = left-right, 1 = posterior-anterior,
+    2 = inferior-superior); the identity ``()`` is always included.
+
+    >>> parse_flips("lr")
+    [(), (0,)]
+    >>> len(parse_flips("all"))
+    8
+    >>> parse_flips("0,1,0+1")   # also a YAML list: [[], [0], [1], [0, 1]]
+    [(), (0,), (1,), (0, 1)]
+    """
+    if spec is None:
+        spec = "none"
+    if isinstance(spec, str):
+        key = spec.strip().lower()
+        if key == "all":
+            return [c for n in range(4) for c in itertools.combinations(range(3), n)]
+        if key in FLIP_PRESETS:
+            return list(FLIP_PRESETS[key])
+        items = [part.strip() for part in key.split(",") if part.strip()]
+        combos = []
+        for item in items:
+            if item in ("id", "identity", "-", "none"):
+                combos.append(())
+                continue
+            try:
+                combos.append(tuple(int(a) for a in item.split("+")))
+            except ValueError:
+                raise ConfigError(f"flips '{spec}': expected none, lr, all, or axis combinations like "
+                                  "'0,1,0+1' (axes 0, 1, 2)") from None
+    elif isinstance(spec, (list, tuple)):
+        combos = []
+        for item in spec:
+            axes = [item] if isinstance(item, int) else list(item or [])
+            if not all(isinstance(a, int) and not isinstance(a, bool) for a in axes):
+                raise ConfigError(f"flips {spec!r}: each entry must be a list of axes (0, 1, 2)")
+            combos.append(tuple(axes))
+    else:
+        raise ConfigError(f"flips {spec!r}: expected none, lr, all, or a list of axis lists")
+    out: list[tuple[int, ...]] = [()]
+    for combo in combos:
+        if any(a not in (0, 1, 2) for a in combo):
+            raise ConfigError(f"flips {spec!r}: axis must be 0, 1 or 2 (spatial axes)")
+        norm = tuple(sorted(set(combo)))
+        if norm not in out:
+            out.append(norm)
+    return out
+
+
+def flips_form_group(flips: Sequence[tuple[int, ...]]) -> bool:
+    """True when composing any two flips gives a flip of the set: then the ensemble is
+    invariant to those flips of its input."""
+    as_sets = {frozenset(f) for f in flips}
+    return all((a ^ b) in as_sets for a in as_sets for b in as_sets)
+
+
+def window_starts(size: int, roi: int, overlap: float = 0.5, mode: str = "grid") -> list[int]:
+    """Start positions of the windows along one axis: mirror-symmetric, so that
+    ``starts == [size - roi - s for s in starts]`` (what makes flips and windows commute).
+
+    ``grid``: windows ``roi * (1 - overlap)`` apart (as MONAI's sliding window) covering the axis,
+    the first at 0 and the last at ``size - roi``; ``center``: one centred window (two, one voxel
+    apart, when the margin is odd).
+
+    >>> window_starts(48, 40, 0.5)
+    [0, 8]
+    >>> window_starts(100, 30, 0.5)
+    [0, 14, 28, 42, 56, 70]
+    >>> window_starts(48, 40, mode="center")
+    [4]
+    """
+    span = size - roi
+    if span <= 0:
+        return [0]
+    if mode == "center":
+        return sorted({span // 2, span - span // 2})
+    if mode != "grid":
+        raise ConfigError(f"inference.windows: '{mode}' is not grid, center or whole")
+    if not 0 <= overlap < 1:
+        raise ConfigError(f"inference.overlap: {overlap} must be in [0, 1)")
+    interval = max(1, int(roi * (1 - overlap)))
+    n = math.ceil(span / interval) + 1
+    if n % 2 == 1 and span % 2 == 1:
+        n += 1  # an odd count needs a centred middle window, impossible with an odd margin
+    first_half = [math.floor(k * span / (n - 1) + 0.5) for k in range((n + 1) // 2)]
+    starts = sorted(set(first_half) | {span - s for s in first_half})
+    return starts
+
+
+@register_views("sliding_window_3d", "resnet18_3d")
+class SlidingWindowFlips3D(ViewStrategy):
+    """Sliding windows of the training crop size (``crop_size``) over the preprocessed volume
+    (``spatial_size``) times test-time flips: ``n_windows * n_flips`` views per volume.
+
+    The window grid is mirror-symmetric and a flip of a window is the window at the mirrored
+    position of the flipped volume, so with a flip set that is a group (``none``, ``lr``, ``all``)
+    the ensemble gives the same probability for a volume and its flipped copy.
+    """
+
+    defaults = {
+        "windows": "grid",    # grid: sliding windows covering the volume; center: one centred window;
+                              # whole: the whole preprocessed volume (as the training evaluator saw it)
+        "overlap": 0.5,       # fraction of the crop shared by neighbouring windows (MONAI semantics)
+        "flips": "lr",        # none | lr (training flips left-right) | all (8) | e.g. "0,1,0+1"
+    }
+
+    def __init__(self, cfg: dict, options: dict):
+        super().__init__(cfg, options)
+        if "crop_size" not in cfg:
+            raise ConfigError("sliding_window_3d views need 'crop_size' in the run config")
+        self.roi = [int(s) for s in cfg["crop_size"]]
+        self.mode = str(options["windows"])
+        if self.mode not in ("grid", "center", "whole"):
+            raise ConfigError(f"inference.windows: '{self.mode}' is not grid, center or whole")
+        self.overlap = float(options["overlap"])
+        self.flips = parse_flips(options["flips"])
+        if not flips_form_group(self.flips):
+            log.warning("test-time flips %s are not closed under composition: the ensemble is not exactly "
+                        "flip-invariant (use none, lr or all)", self.flips)
+
+    def window_slices(self, shape: Sequence[int]) -> list[tuple[slice, ...]]:
+        if self.mode == "whole":
+            return [tuple(slice(0, int(s)) for s in shape)]
+        per_axis = [window_starts(int(s), r, self.overlap, self.mode) for s, r in zip(shape, self.roi)]
+        return [tuple(slice(a, a + r) for a, r in zip(starts, self.roi)) for starts in itertools.product(*per_axis)]
+
+    def _pad(self, volume: torch.Tensor) -> torch.Tensor:
+        spatial = volume.shape[1:]
+        pads = []
+        for s, r in reversed(list(zip(spatial, self.roi))):
+            extra = max(0, r - int(s))
+            pads += [extra // 2, extra - extra // 2]
+        return torch.nn.functional.pad(volume, pads) if any(pads) else volume
+
+    def views(self, volume: torch.Tensor, rng: np.random.Generator | None = None) -> torch.Tensor:
+        volume = self._pad(volume) if self.mode != "whole" else volume
+        windows = self.window_slices(volume.shape[1:])
+        out = []
+        for flip in self.flips:
+            flipped = torch.flip(volume, [a + 1 for a in flip]) if flip else volume
+            out += [flipped[(slice(None), *w)] for w in windows]
+        return torch.stack(out)
+
+    def labels(self, volume_shape: Sequence[int]) -> list[str]:
+        spatial = [max(int(s), r) for s, r in zip(volume_shape[-3:], self.roi)]
+        n_windows = len(self.window_slices(spatial))
+        return [f"flip={'+'.join(map(str, f)) or 'none'} window={w}" for f in self.flips for w in range(n_windows)]
+
+    def describe(self, volume_shape: Sequence[int] | None = None) -> dict:
+        shape = list(volume_shape[-3:]) if volume_shape is not None else list(self.cfg.get("spatial_size", self.roi))
+        spatial = [max(int(s), r) for s, r in zip(shape, self.roi)]
+        windows = self.window_slices(spatial)
+        return {
+            "views": self.name, "windows": self.mode, "overlap": self.overlap, "crop_size": self.roi,
+            "volume_size": spatial, "n_windows": len(windows),
+            "window_starts": [[w[i].start for i in range(3)] for w in windows],
+            "flips": [list(f) for f in self.flips], "n_flips": len(self.flips),
+            "n_views": len(windows) * len(self.flips), "flip_invariant": flips_form_group(self.flips),
+        }
+
+    def prepare_network(self, net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        # channels-last 3D convolutions are ~10-20 % faster on CPU (oneDNN) and exact in fp32
+        return net.to(memory_format=torch.channels_last_3d) if device.type == "cpu" else net
+
+    def example_input(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        return torch.rand(2, 1, *self.roi, generator=generator) * 2.0
+
+
+def strategy_name(cfg: dict, options: dict) -> str:
+    name = options.get("views", "auto")
+    if name in (None, "auto"):
+        model = cfg.get("model", {})
+        name = DEFAULT_VIEWS_BY_MODEL.get(str(model.get("name", "")), "sliding_window_3d")
+    if name not in VIEW_STRATEGIES:
+        raise ConfigError(f"inference.views: unknown view strategy '{name}' (known: {', '.join(sorted(VIEW_STRATEGIES))})")
+    return name
+
+
+def resolve_options(cfg: dict, overrides: dict | None = None) -> dict:
+    """Inference options: defaults <- the run config's ``inference:`` section <- ``overrides``."""
+    from_cfg = dict(cfg.get("inference") or {})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    merged = {**COMMON_DEFAULTS, **from_cfg, **overrides}
+    name = strategy_name(cfg, merged)
+    defaults = {**COMMON_DEFAULTS, **VIEW_STRATEGIES[name].defaults}
+    for source, entries in (("run config inference", from_cfg), ("option", overrides)):
+        for key in entries:
+            if key not in defaults:
+                close = difflib.get_close_matches(key, list(defaults), n=3)
+                hint = f" (did you mean {', '.join(close)}?)" if close else f" (known: {', '.join(defaults)})"
+                raise ConfigError(f"unknown {source} key 'inference.{key}' for views '{name}'{hint}")
+    options = {**defaults, **from_cfg, **overrides}
+    options["views"] = name
+    if int(options["batch_size"]) < 1:
+        raise ConfigError("inference.batch_size must be at least 1")
+    if str(options["saliency_class"]) not in ("MCI", "NC", "predicted"):
+        raise ConfigError(f"inference.saliency_class: '{options['saliency_class']}' is not MCI, NC or predicted")
+    return options
+
+
+def parse_set_overrides(assignments: Iterable[str]) -> dict:
+    """``["inference.overlap=0.25", "flips=all"]`` -> ``{"overlap": 0.25, "flips": "all"}`` (YAML values)."""
+    import yaml
+
+    out = {}
+    for assignment in assignments:
+        if "=" not in assignment:
+            raise ConfigError(f"--set '{assignment}': expected key=value")
+        key, raw = assignment.split("=", 1)
+        key = key.strip()
+        key = key[len("inference."):] if key.startswith("inference.") else key
+        if "." in key:
+            raise ConfigError(f"--set '{assignment}': only inference.<key> entries can be set when predicting")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set '{assignment}': value is not valid YAML ({err})") from None
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the run: config, preprocessing, fold models, threshold
+
+
+@dataclass
+class FoldModel:
+    repeat: int
+    fold: int
+    path: Path
+    sha256: str
+    net: torch.nn.Module                  # the plain network (Grad-CAM needs it)
+    fast: torch.nn.Module | None = None   # an inference-optimised twin with the same outputs, if any
+
+    @property
+    def predictor(self) -> torch.nn.Module:
+        return self.fast if self.fast is not None else self.net
+
+
+@dataclass
+class LoadedRun:
+    """A training run ready to predict: its config, preprocessing, fold models and threshold."""
+
+    run_dir: Path
+    cfg: dict
+    options: dict
+    preprocess: object
+    strategy: ViewStrategy
+    models: list[FoldModel]
+    threshold: float
+    threshold_source: str
+    training_subjects: set[str]
+    device: torch.device
+    amp: bool
+    amp_dtype: torch.dtype | None
+    run_provenance: dict = field(default_factory=dict)
+    checkpoints: list = field(default_factory=list)   # (repeat, fold, path) of the models to load
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fold_checkpoints(run_dir: Path, folds: str | Sequence[int] = "all") -> list[tuple[int, int, Path]]:
+    """``(repeat, fold, path)`` of every fold's best checkpoint listed by the run's ``folds.csv``."""
+    from petmonai.crossval import fold_dir_name
+    from petmonai.engine import BEST_CHECKPOINT
+
+    folds_csv = run_dir / "folds.csv"
+    if not folds_csv.is_file():
+        raise PetmonaiError(f"{run_dir}: no folds.csv; is this a finished training run folder?")
+    table = pd.read_csv(folds_csv, usecols=["repeat", "fold"]).drop_duplicates().sort_values(["repeat", "fold"])
+    pairs = [(int(r), int(f)) for r, f in table.itertuples(index=False)]
+    if folds not in (None, "all"):
+        wanted = [int(f) for f in ([folds] if isinstance(folds, (int, str)) else folds)]
+        unknown = sorted(set(wanted) - {f for _, f in pairs})
+        if unknown:
+            raise PetmonaiError(f"--folds {wanted}: fold(s) {unknown} are not in {folds_csv}")
+        pairs = [(r, f) for r, f in pairs if f in wanted]
+    out, missing = [], []
+    for repeat, fold in pairs:
+        path = run_dir / fold_dir_name(repeat, fold) / BEST_CHECKPOINT
+        (out if path.is_file() else missing).append((repeat, fold, path))
+    if missing:
+        names = ", ".join(str(p.relative_to(run_dir)) for _, _, p in missing)
+        raise PetmonaiError(f"{run_dir}: missing checkpoint(s) {names}; has the training run finished?")
+    if not out:
+        raise PetmonaiError(f"{run_dir}: no fold checkpoints found")
+    return out
+
+
+def inference_device(options: dict) -> tuple[torch.device, bool, torch.dtype | None]:
+    """``(device, amp, dtype)``: CUDA autocast (bf16 where supported, else fp16) when a GPU is
+    used; on CPU fp32 unless ``amp: true`` and the CPU computes bf16 natively."""
+    from petmonai.engine import resolve_device
+
+    device = resolve_device(str(options["device"]))
+    amp = options["amp"]
+    if isinstance(amp, str) and amp.lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"inference.amp: '{amp}' is not auto, true or false")
+    amp = {"auto": "auto", "true": True, "false": False}.get(str(amp).lower(), amp)
+    if amp is False:
+        return device, False, None
+    if device.type == "cuda":
+        return device, True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp is True:
+        if cpu_has_bf16():
+            return device, True, torch.bfloat16
+        log.warning("amp: this CPU has no native bf16; predicting in fp32")
+    return device, False, None
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def optimise_network(net: torch.nn.Module, strategy: ViewStrategy, device: torch.device, options: dict,
+                     amp: bool) -> torch.nn.Module | None:
+    """On CPU in fp32, a TorchScript-frozen twin of ``net`` (``torch.jit.optimize_for_inference``:
+    batch norm folded into the convolutions, oneDNN layouts kept between layers; about twice as
+    fast on CPU). It is used only if it gives the plain network's softmax on a test batch to 1e-4;
+    otherwise, or with ``optimize: none``, on CUDA, under autocast, or where torch no longer
+    offers TorchScript, the plain network predicts."""
+    mode = str(options.get("optimize", "auto")).lower()
+    if mode not in ("auto", "jit", "none"):
+        raise ConfigError(f"inference.optimize: '{mode}' is not auto, jit or none")
+    if mode == "none" or (mode == "auto" and (device.type != "cpu" or amp)):
+        return None
+    import warnings
+
+    try:
+        example = strategy.example_input().to(device)
+    except NotImplementedError:
+        return None
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # TorchScript is deprecated in favour of torch.compile, which
+            # compiles for minutes on a CPU and was no faster here; keep it while torch still has it
+            plain = copy.deepcopy(net).to(memory_format=torch.contiguous_format).eval()
+            fast = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(plain, example)))
+            ref = torch.softmax(net(example).float(), dim=1)
+            got = torch.softmax(fast(example).float(), dim=1)
+            got_one = torch.softmax(fast(example[:1]).float(), dim=1)
+    except Exception as err:  # noqa: BLE001 - any failure means: predict with the plain network
+        log.info("inference-optimised model unavailable (%s: %s); using the plain network", type(err).__name__, err)
+        return None
+    diff = max(float((ref - got).abs().max()), float((ref[:1] - got_one).abs().max()))
+    if diff > 1e-4:
+        log.warning("inference-optimised model differs from the plain network by %.2g; using the plain network", diff)
+        return None
+    return fast
+
+
+def read_run_config(run_dir: Path) -> dict:
+    from petmonai.config import load_config
+
+    if not run_dir.is_dir():
+        raise PetmonaiError(f"{run_dir}: run folder not found")
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise PetmonaiError(f"{run_dir}: no config.yaml; is this a training run folder?")
+    return load_config(path)
+
+
+def run_threshold(run_dir: Path, override: float | None) -> tuple[float, str]:
+    if override is not None:
+        return float(override), "option"
+    path = run_dir / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+        return float(metrics["threshold"]), "metrics.json"
+    except FileNotFoundError:
+        raise PetmonaiError(f"{path}: not found, so the run's decision threshold is unknown; "
+                            "has training finished? (or pass --threshold)") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise PetmonaiError(f"{path}: no numeric 'threshold' ({err}); pass --threshold") from None
+
+
+def training_subjects(run_dir: Path) -> set[str]:
+    path = run_dir / "datalist.csv"
+    if not path.is_file():
+        log.warning("%s not found: cannot flag test scans of training subjects", path)
+        return set()
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "subject" not in table.columns:
+        return set()
+    train = table[table["split"] == "train"] if "split" in table.columns else table
+    return {s for s in train["subject"] if s and not s.startswith("file:")}
+
+
+def load_run(run_dir: str | Path, overrides: dict | None = None, with_models: bool = True) -> LoadedRun:
+    """Read a training run folder: config, preprocessing, threshold and (``with_models``) every
+    fold's best model; without them, :func:`load_models` adds them later."""
+    from petmonai.transforms import build_pipelines
+
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    options = resolve_options(cfg, overrides)
+    strategy = VIEW_STRATEGIES[options["views"]](cfg, options)
+    threshold, source = run_threshold(run_dir, options["threshold"])
+    device, amp, amp_dtype = inference_device(options)
+    checkpoints = fold_checkpoints(run_dir, options["folds"])  # fail early if the run is incomplete
+    try:
+        run_prov = json.loads((run_dir / "provenance.json").read_text())
+    except (OSError, ValueError):
+        run_prov = {}
+    run = LoadedRun(run_dir=run_dir.resolve(), cfg=cfg, options=options, preprocess=build_pipelines(cfg)[0],
+                    strategy=strategy, models=[], threshold=threshold, threshold_source=source,
+                    training_subjects=training_subjects(run_dir), device=device, amp=amp, amp_dtype=amp_dtype,
+                    run_provenance=run_prov)
+    run.checkpoints = checkpoints
+    if with_models:
+        load_models(run)
+    return run
+
+
+def load_models(run: LoadedRun) -> LoadedRun:
+    """Build the run's network once per fold checkpoint, load its weights, and optimise it for inference."""
+    from petmonai.engine import load_weights
+    from petmonai.models import build_model
+
+    if run.models:
+        return run
+    with torch_threads(run.options["threads"]):
+        for repeat, fold, path in run.checkpoints:
+            net = build_model(run.cfg["model"], run.cfg).to(run.device)
+            load_weights(net, path, run.device)
+            net = run.strategy.prepare_network(net.eval(), run.device)
+            fast = optimise_network(net, run.strategy, run.device, run.options, run.amp)
+            run.models.append(FoldModel(repeat, fold, path, sha256_file(path), net, fast))
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs
+
+
+@dataclass
+class InputFile:
+    path: Path
+    uuid: int
+
+
+def collect_inputs(inputs: Sequence[str | Path]) -> list[InputFile]:
+    """The NIfTI files named by ``inputs`` (folders: their ``*.nii``/``*.nii.gz``, not recursive),
+    sorted by uuid. Empty input, a non-numeric file stem and two files with one uuid
+    (``7.nii`` and ``7.nii.gz``) are errors."""
+    if not inputs:
+        raise PetmonaiError("no input given (--input FOLDER or FILES)")
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
+            if not found:
+                raise PetmonaiError(f"{path}: input folder holds no .nii or .nii.gz file")
+            files += found
+        elif path.is_file():
+            if not is_nifti(path):
+                raise PetmonaiError(f"{path}: not a .nii or .nii.gz file")
+            files.append(path)
+        else:
+            raise PetmonaiError(f"{path}: input not found")
+    seen, unique = set(), []
+    for path in files:  # one file named twice (its folder and itself) counts once
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    bad = [p for p in unique if not (nifti_stem(p).isascii() and nifti_stem(p).isdigit())]
+    if bad:
+        names = ", ".join(str(p) for p in bad[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise PetmonaiError(f"file name(s) without an integer uuid stem: {names}; the submission needs "
+                            "files named <uuid>.nii or <uuid>.nii.gz")
+    by_uuid: dict[int, list[Path]] = {}
+    for path in unique:
+        by_uuid.setdefault(int(nifti_stem(path)), []).append(path)
+    dups = {u: ps for u, ps in by_uuid.items() if len(ps) > 1}
+    if dups:
+        text = "; ".join(f"uuid {u}: {', '.join(map(str, ps))}" for u, ps in sorted(dups.items()))
+        raise PetmonaiError(f"duplicate uuid(s): {text} (one file per uuid)")
+    return [InputFile(ps[0], u) for u, ps in sorted(by_uuid.items())]
+
+
+@dataclass
+class Prepared:
+    """One preprocessed input volume."""
+
+    item: InputFile
+    volume: torch.Tensor          # (C, X, Y, Z) as the network's training data
+    affine: np.ndarray | None     # voxel -> world (mm) of ``volume``, None if the pipeline hides it
+    subject: str
+
+
+def check_extent(path: Path, header: dict, cfg: dict, fraction: float) -> None:
+    """A field of view far smaller than the training crop is not a whole-brain PET volume."""
+    if fraction <= 0 or "crop_size" not in cfg or "spacing" not in cfg:
+        return
+    dims = [int(s) for s in header["shape"].split("x")[:3]]
+    zooms = [header["voxel_x"], header["voxel_y"], header["voxel_z"]]
+    need = [fraction * c * s for c, s in zip(cfg["crop_size"], cfg["spacing"])]
+    extent = [d * z for d, z in zip(dims, zooms)]
+    if any(e < n for e, n in zip(extent, need)):
+        raise DataError(path, f"unexpected shape {tuple(dims)} with voxels {tuple(round(z, 2) for z in zooms)} mm: "
+                              f"field of view {tuple(round(e) for e in extent)} mm, smaller than a brain "
+                              f"(at least {tuple(round(n) for n in need)} mm expected)")
+
+
+def preprocess_file(item: InputFile, run: LoadedRun) -> Prepared:
+    """Read and preprocess one input exactly as the run's training data; :class:`DataError` names
+    the file when it cannot be read, has NaN/Inf, is empty or has an unexpected shape."""
+    from petmonai.datasets import describe_failure
+
+    path = item.path
+    header = read_header(path)
+    check_extent(path, header, run.cfg, float(run.options["min_extent_fraction"]))
+    try:
+        data, affine = apply_tracking_affine(run.preprocess, {"image": str(path)})
+    except DataError:
+        raise
+    except Exception as err:  # MONAI wraps the transform's error; report its innermost message
+        raise DataError(path, describe_failure(err)) from None
+    image = data["image"]
+    volume = torch.as_tensor(image.as_tensor() if isinstance(image, MetaTensor) else image, dtype=torch.float32)
+    if volume.ndim < 3 or not torch.isfinite(volume).all():
+        raise DataError(path, "preprocessing produced non-finite values or no volume")
+    if "spatial_size" in run.cfg and volume.ndim == 4 and list(volume.shape[1:]) != [int(s) for s in run.cfg["spatial_size"]]:
+        raise DataError(path, f"preprocessed shape {tuple(volume.shape[1:])} differs from the run's spatial_size "
+                              f"{tuple(run.cfg['spatial_size'])}")
+    return Prepared(item, volume.contiguous(), affine, header["subject"])
+
+
+def apply_tracking_affine(preprocess, data: dict, key: str = "image") -> tuple[dict, np.ndarray | None]:
+    """Run a MONAI Compose one transform at a time (its own machinery: ``Compose(start, end)``)
+    and keep the voxel-to-world affine of ``data[key]`` from the last step that still had it.
+
+    The run's pipeline usually ends with ``EnsureTyped(track_meta=False)``, which drops the
+    metadata but not the geometry; a spatial change after that point makes the affine unknown.
+    """
+    affine, shape = None, None
+    n = len(preprocess.transforms)
+    for i in range(n):
+        data = preprocess(data, start=i, end=i + 1)
+        img = data[key]
+        if isinstance(img, MetaTensor):
+            affine, shape = np.asarray(img.affine, dtype=np.float64), tuple(img.shape[1:])
+        elif shape is not None and tuple(img.shape[1:]) != shape:
+            affine = None
+    return data, affine
+
+
+def prepare_all(files: Sequence[InputFile], run: LoadedRun, skip_bad: bool) -> tuple[list[Prepared], list[dict]]:
+    """Preprocess every input (a few threads); fail naming every bad file unless ``skip_bad``."""
+    def work(item):
+        try:
+            return preprocess_file(item, run)
+        except DataError as err:
+            return {"uuid": item.uuid, "file": str(item.path), "problem": err.problem}
+
+    workers = max(1, int(run.options["workers"]))
+    if workers > 1 and len(files) > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(work, files))
+    else:
+        results = [work(f) for f in files]
+    good = [r for r in results if isinstance(r, Prepared)]
+    bad = [r for r in results if isinstance(r, dict)]
+    if bad and not skip_bad:
+        lines = "; ".join(f"{b['file']}: {b['problem']}" for b in bad)
+        raise PetmonaiError(f"{len(bad)} of {len(files)} input volume(s) cannot be used, nothing written: {lines}. "
+                            "Fix or remove them, or pass --skip-bad to predict the others")
+    return good, bad
+
+
+# ----------------------------------------------------------------------------------------------
+# the ensemble
+
+
+@torch.no_grad()
+def predict_views(run: LoadedRun, volume: torch.Tensor, seed: int = 0) -> np.ndarray:
+    """P(MCI) of every (model, view) pair for one preprocessed volume: shape ``(n_models, n_views)``."""
+    rng = np.random.default_rng(seed)
+    views = run.strategy.views(volume, rng)
+    batch_size = int(run.options["batch_size"])
+    out = np.empty((len(run.models), len(views)), dtype=np.float64)
+    for m, model in enumerate(run.models):
+        channels_last = views.ndim == 5 and run.device.type == "cpu" and model.fast is None
+        for start in range(0, len(views), batch_size):
+            batch = views[start:start + batch_size].to(run.device, non_blocking=True)
+            if channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last_3d)
+            with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp):
+                logits = model.predictor(batch)
+            if logits.ndim != 2 or logits.shape[1] != len(CLASS_NAMES):
+                raise PetmonaiError(f"model output of shape {tuple(logits.shape)}: expected (batch, {len(CLASS_NAMES)})")
+            out[m, start:start + len(batch)] = torch.softmax(logits.float(), dim=1)[:, MCI_INDEX].cpu().numpy()
+    return out
+
+
+def summarise_views(probs: np.ndarray) -> dict:
+    """Mean P(MCI) over all views and models, its spread (sd over all), the sd of the model means."""
+    return {
+        "prob_mci": float(probs.mean()),
+        "prob_sd": float(probs.std()),
+        "prob_sd_folds": float(probs.mean(axis=1).std()) if probs.shape[0] > 1 else 0.0,
+        "n_views": int(probs.size),
+        "n_models": int(probs.shape[0]),
+    }
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """Run with ``n`` torch CPU threads (None: leave torch's setting), restoring it afterwards.
+    On a CPU shared with other busy processes one thread is often faster than two."""
+    if n in (None, "auto", 0):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def label_of(prob: float, threshold: float) -> str:
+    return "MCI" if prob >= threshold else "NC"
+
+
+@dataclass
+class PredictionResult:
+    table: pd.DataFrame           # probabilities.csv rows
+    submission: pd.DataFrame      # uuid,label
+    skipped: pd.DataFrame         # uuid,file,problem
+    paths: dict
+    provenance: dict
+    seconds: float
+    views: dict = field(default_factory=dict)   # uuid -> P(MCI) per (model, view)
+
+
+def output_paths(output: str | Path, saliency: bool) -> dict:
+    output = Path(output)
+    if output.is_dir():
+        raise PetmonaiError(f"--output {output}: is a folder; give the submission file, e.g. {output / SUBMISSION}")
+    folder = output.parent
+    paths = {"submission": output, "probabilities": folder / PROBABILITIES, "provenance": folder / PROVENANCE,
+             "skipped": folder / SKIPPED}
+    if saliency:
+        paths["saliency"] = folder / SALIENCY_DIR
+    if len({p.resolve() for p in paths.values()}) < len(paths):
+        raise PetmonaiError(f"--output {output}: collides with another output file name; choose another name")
+    return paths
+
+
+def check_outputs(paths: dict, overwrite: bool) -> None:
+    existing = [p for p in paths.values() if p.exists() and (p.is_file() or any(p.iterdir()))]
+    if existing and not overwrite:
+        raise PetmonaiError(f"output exists: {', '.join(map(str, existing))}; pass --overwrite to replace")
+
+
+def predict(run_dir: str | Path, inputs: Sequence[str | Path], output: str | Path, *, overwrite: bool = False,
+            skip_bad: bool = False, saliency: bool = False, options: dict | None = None) -> PredictionResult:
+    """Everything ``scripts/predict.py`` does. Returns the tables written and their paths.
+
+    Nothing is written unless every input can be used (or ``skip_bad``); each file is written
+    atomically, ``submission.csv`` after ``probabilities.csv``.
+    """
+    t0 = time.perf_counter()
+    files = collect_inputs(inputs)
+    paths = output_paths(output, saliency)
+    check_outputs(paths, overwrite)
+    run = load_run(run_dir, options, with_models=False)
+    desc = run.strategy.describe()
+    log.info("run %s: %d fold model(s) x %s views per volume (%s) on %s%s; threshold %.3f (%s)",
+             run.run_dir, len(run.checkpoints), desc.get("n_views", "?"),
+             ", ".join(f"{k} {desc[k]}" for k in ("n_windows", "n_flips") if k in desc), run.device,
+             f" with {str(run.amp_dtype).replace('torch.', '')} autocast" if run.amp else "",
+             run.threshold, run.threshold_source)
+
+    with torch_threads(run.options["threads"]):
+        prepared, bad = prepare_all(files, run, skip_bad)
+        for b in bad:
+            log.warning("skipped %s: %s", b["file"], b["problem"])
+        if not prepared:
+            raise PetmonaiError(f"none of the {len(files)} input volume(s) can be used; nothing written")
+        load_models(run)
+        log.info("preprocessed %d volume(s) in %.1fs; predicting", len(prepared), time.perf_counter() - t0)
+
+        rows, per_view = [], {}
+        for i, prep in enumerate(prepared):
+            probs = predict_views(run, prep.volume, seed=prep.item.uuid)
+            per_view[prep.item.uuid] = probs
+            summary = summarise_views(probs)
+            rows.append({"uuid": prep.item.uuid, "file": str(prep.item.path.resolve()), **summary,
+                         "label": label_of(summary["prob_mci"], run.threshold), "subject": prep.subject,
+                         "subject_in_training": bool(prep.subject) and prep.subject in run.training_subjects})
+            if (i + 1) % 10 == 0 or i + 1 == len(prepared):
+                log.info("predicted %d/%d (%.1fs)", i + 1, len(prepared), time.perf_counter() - t0)
+
+        table = pd.DataFrame(rows, columns=PROBABILITY_COLUMNS).sort_values("uuid").reset_index(drop=True)
+        submission = table[["uuid", "label"]]
+        skipped = pd.DataFrame(bad, columns=["uuid", "file", "problem"]).sort_values("uuid").reset_index(drop=True)
+        if len(table) + len(skipped) != len(files):  # every input is either predicted or listed as skipped
+            raise AssertionError(f"{len(files)} inputs, {len(table)} predicted, {len(skipped)} skipped")
+
+        submission_text = submission.to_csv(index=False)
+        check_submission_text(submission_text, expected=len(table))
+        prov = prediction_provenance(run, files, table, skipped, paths, submission_text, skip_bad)
+        atomic_write_csv(paths["probabilities"], table)
+        if len(skipped):
+            atomic_write_csv(paths["skipped"], skipped)
+        elif paths["skipped"].exists():
+            paths["skipped"].unlink()  # a stale list from an earlier --overwrite'd prediction
+        atomic_write_text(paths["submission"], submission_text)
+        atomic_write_json(paths["provenance"], prov)
+        log.info("wrote %s: %d scans (%d MCI, %d NC), %d of them subjects of the training data; %d skipped%s",
+                 paths["submission"], len(table), int((table["label"] == "MCI").sum()),
+                 int((table["label"] == "NC").sum()), int(table["subject_in_training"].sum()), len(skipped),
+                 f" (listed in {paths['skipped']})" if len(skipped) else "")
+
+        if saliency:
+            from petmonai.saliency import write_saliency
+
+            written = write_saliency(run, prepared, table, paths["saliency"], overwrite=overwrite)
+            prov["saliency"] = {"folder": str(paths["saliency"].resolve()), "files": len(written),
+                                "target_layer": run.options["saliency_layer"], "class": run.options["saliency_class"]}
+            atomic_write_json(paths["provenance"], prov)
+            log.info("wrote Grad-CAM maps and montages of %d volume(s) to %s", len(prepared), paths["saliency"])
+        return PredictionResult(table, submission, skipped, paths, prov, time.perf_counter() - t0, per_view)
+
+
+def check_submission_text(text: str, expected: int | None = None) -> None:
+    """The challenge format: header ``uuid,label``, integer uuids sorted ascending, NC/MCI labels."""
+    lines = text.strip("\n").split("\n")
+    if lines[0] != "uuid,label":
+        raise AssertionError(f"submission header is {lines[0]!r}")
+    uuids = []
+    for line in lines[1:]:
+        uuid, label = line.split(",")
+        if not uuid.isdigit() or label not in CLASS_NAMES:
+            raise AssertionError(f"bad submission row {line!r}")
+        uuids.append(int(uuid))
+    if uuids != sorted(set(uuids)):
+        raise AssertionError("submission uuids are not unique and sorted")
+    if expected is not None and len(uuids) != expected:
+        raise AssertionError(f"submission has {len(uuids)} rows, expected {expected}")
+
+
+def prediction_provenance(run: LoadedRun, files, table, skipped, paths, submission_text: str, skip_bad: bool) -> dict:
+    from petmonai.data import fingerprint
+    from petmonai.runs import provenance
+
+    prov = provenance(int(run.cfg.get("seed", 0)), fingerprint([f.path for f in files]), {
+        "run_dir": str(run.run_dir),
+        "run_git_commit": run.run_provenance.get("git_commit"),
+        "run_data_fingerprint_sha256": run.run_provenance.get("data_fingerprint_sha256"),
+        "run_config_sha256": sha256_file(run.run_dir / "config.yaml"),
+        "checkpoints": [{"repeat": m.repeat, "fold": m.fold, "path": str(m.path.resolve()), "sha256": m.sha256}
+                        for m in run.models],
+        "threshold": run.threshold,
+        "threshold_source": run.threshold_source,
+        "inference": {k: v for k, v in run.options.items()},
+        "views": run.strategy.describe(),
+        "device": str(run.device),
+        "amp": str(run.amp_dtype).replace("torch.", "") if run.amp else False,
+        "inputs": len(files),
+        "predicted": int(len(table)),
+        "skipped": int(len(skipped)),
+        "skip_bad": skip_bad,
+        "outputs": {k: str(Path(v).resolve()) for k, v in paths.items()},
+        "submission_sha256": hashlib.sha256(submission_text.encode()).hexdigest(),
+    })
+    prov.pop("seed", None)
+    prov["input_fingerprint_sha256"] = prov.pop("data_fingerprint_sha256")
+    return prov
+
+
+# ----------------------------------------------------------------------------------------------
+# out-of-fold evaluation of the ensemble (each fold's model on its own held-out scans)
+
+
+def predict_out_of_fold(run_dir: str | Path, options: dict | None = None, role: str = "test",
+                        progress: bool = True) -> pd.DataFrame:
+    """Per-view P(MCI) of every held-out scan of the run, by that fold's model only.
+
+    Returns one row per (repeat, fold, scan) with ``label``, ``subject`` and ``probs`` (an array
+    over the strategy's views, labelled by ``run.strategy.labels``): summarise any subset of the
+    views (no flips, one window...) from one pass.
+    """
+    run_dir = Path(run_dir)
+    run = load_run(run_dir, {**(options or {}), "folds": "all"}, with_models=True)
+    folds = pd.read_csv(run_dir / "folds.csv", dtype={"scan_id": str})
+    datalist = pd.read_csv(run_dir / "datalist.csv", dtype={"scan_id": str, "uuid": str}, keep_default_na=False)
+    images = dict(zip(datalist["scan_id"], datalist["image"]))
+    rows = []
+    models = {(m.repeat, m.fold): m for m in run.models}
+    t0 = time.perf_counter()
+    with torch_threads(run.options["threads"]):
+        for (repeat, fold), model in models.items():
+            rows += _fold_out_of_fold(run, model, folds, images, role)
+            if progress:
+                log.info("out-of-fold: repeat %d fold %d done (%.0fs)", repeat, fold, time.perf_counter() - t0)
+    return pd.DataFrame(rows)
+
+
+def _fold_out_of_fold(run: LoadedRun, model: FoldModel, folds: pd.DataFrame, images: dict, role: str) -> list[dict]:
+    members = folds[(folds["repeat"] == model.repeat) & (folds["fold"] == model.fold) & (folds["role"] == role)]
+    single = copy.copy(run)
+    single.models = [model]
+    rows = []
+    for rec in members.itertuples(index=False):
+        prep = preprocess_file(InputFile(Path(images[rec.scan_id]), 0), run)
+        probs = predict_views(single, prep.volume, seed=zlib.crc32(rec.scan_id.encode()))[0]
+        rows.append({"repeat": model.repeat, "fold": model.fold, "scan_id": rec.scan_id, "subject": rec.subject,
+                     "label": int(rec.label), "probs": probs})
+    return rows
+
+
+__all__ = [
+    "COMMON_DEFAULTS", "VIEW_STRATEGIES", "DEFAULT_VIEWS_BY_MODEL", "ViewStrategy", "SlidingWindowFlips3D",
+    "register_views", "parse_flips", "flips_form_group", "window_starts", "resolve_options", "parse_set_overrides",
+    "load_run", "load_models", "LoadedRun", "collect_inputs", "preprocess_file", "prepare_all", "predict_views",
+    "summarise_views", "predict", "PredictionResult", "check_submission_text", "predict_out_of_fold",
+    "apply_tracking_affine", "sha256_file",
+]
