@@ -22,7 +22,9 @@ Machine: {m['cpu']}, {m['cores']} torch threads, {m['memory_gb']} GB RAM, GPU: {
 torch {v['torch']}, MONAI {v['monai']}, Ignite {v['pytorch-ignite']}, Python {v['python']}.
 Device: {r['device']}. Data: {r['volumes']} training volumes, batch shape {r['batch_shape']}.
 
-Every ratio below is measured within one run, so the machine's noise largely cancels.
+Load average (1, 5, 15 min) at the start: {r.get('load_before', 'n/a')}, at the end: {r.get('load_after', 'n/a')}.
+Every ratio below is measured within one run, so the machine's noise largely cancels; absolute
+rates (volumes/s) are only comparable between runs on an equally loaded machine.
 
 ## Training (3D ResNet-18, default config)
 
@@ -74,7 +76,11 @@ def main(argv=None) -> int:
         overrides.append(f"data.root={args.data_root}")
     cfg = load_config(args.config, overrides)
     root, _ = resolve_data_root(cfg)
+    import os
+
+    load_before = tuple(round(x, 2) for x in os.getloadavg())
     results = benchmark_training(cfg, discover(root), resolve_device(args.device), epochs=args.epochs)
+    results["load_before"], results["load_after"] = load_before, tuple(round(x, 2) for x in os.getloadavg())
     command = "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     atomic_write_text(args.output, render(results, command))
     atomic_write_text(args.output.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
