@@ -81,7 +81,8 @@ def full_run(run_dir: Path, inputs: Path, out_dir: Path, windows: str, flips: st
     log_path = out_dir.parent / f"{out_dir.name}.log"
     t0 = time.perf_counter()
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO, env=env)  # this checkout
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak resident memory
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
