@@ -73,7 +73,8 @@ COMMON_DEFAULTS: dict = {
     "optimize": "auto",       # auto: on CPU in fp32, TorchScript-freeze each model for oneDNN (~2x faster,
                               # checked against the plain model, which is used if anything differs); none
     "min_extent_fraction": 0.5,  # a volume must span this fraction of the crop's extent (mm) on each axis
-    "saliency_layer": "layer4",  # Grad-CAM target layer (a module name of the network)
+    "saliency_layer": "layer3",  # Grad-CAM target layer (a module name of the network); the 3D ResNet-18's
+                                 # layer4 is 2x2x2 voxels for a 48x56x48 volume, too coarse to localise
     "saliency_class": "predicted",  # predicted | MCI | NC: the class whose evidence Grad-CAM maps
 }
 
@@ -924,7 +925,8 @@ def prediction_provenance(run: LoadedRun, files, table, skipped, paths, submissi
         "predicted": int(len(table)),
         "skipped": int(len(skipped)),
         "skip_bad": skip_bad,
-        "outputs": {k: str(Path(v).resolve()) for k, v in paths.items()},
+        "outputs": {k: str(Path(v).resolve()) for k, v in paths.items()
+                    if k not in ("skipped", "saliency") or (k == "skipped" and len(skipped))},
         "submission_sha256": hashlib.sha256(submission_text.encode()).hexdigest(),
     })
     prov.pop("seed", None)

@@ -1,13 +1,15 @@
 """Grad-CAM saliency of the fold ensemble, mapped back onto each input volume.
 
->>> from petmonai.inference import load_run, collect_inputs, prepare_all, predict
+>>> from petmonai.inference import predict
 >>> predict("runs/real", ["Test/"], "out/submission.csv", saliency=True)   # out/saliency/<uuid>_gradcam.*
 
-Per volume and per fold model, MONAI :class:`monai.visualize.GradCAM` (target layer from
-``inference.saliency_layer``, default ``layer4`` of the MONAI ResNet) maps the evidence for one
-class (``inference.saliency_class``: the predicted label by default, or always MCI or NC) on the whole preprocessed
-volume, as the run's evaluator saw it, and on its test-time flips (each map flipped back). Each
-map is scaled to a maximum of 1 and the maps are averaged over flips and models.
+Per volume and per fold model, MONAI :class:`monai.visualize.GradCAM` maps the evidence for one
+class (``inference.saliency_class``: the predicted label by default, or always MCI or NC) on the
+whole preprocessed volume, as the run's evaluator saw it, and on its test-time flips (each map
+flipped back). Each map is scaled to a maximum of 1 and the maps are averaged over flips and
+models. The target layer (``inference.saliency_layer``) defaults to ``layer3`` of the MONAI
+ResNet: its ``layer4`` has only 2x2x2 voxels for the 48x56x48 training volume, which gives a
+nearly uniform map.
 
 The mean map lives on the preprocessed grid (4 mm, cropped to the brain); it is resampled
 (trilinear) onto the voxel grid of the input file through the affines of both grids, so

@@ -242,7 +242,8 @@ def render(r: dict) -> str:
         f"Machine: {m['cpu']}, {m.get('cpu_count', '?')} CPU cores, {m['memory_gb']} GB RAM, GPU: {m['gpu'] or 'none'}; "
         f"torch {v['torch']}, MONAI {v['monai']}, Python {v['python']}; petmonai at {r['git_commit']}.",
         f"Run: `{r['run_dir']}` ({r['models']} fold models, {r['model']}, crop {r['crop_size']} of "
-        f"{r['spatial_size']} voxels at {r['spacing']} mm). Date: {r['date']}.",
+        f"{r['spatial_size']} voxels at {r['spacing']} mm)"
+        + (f", trained by `{r['run_command']}`" if r.get("run_command") else "") + f". Date: {r['date']}.",
         "",
         f"The CPU was shared with other jobs while these numbers were taken (load average "
         f"{r['load_average_start']} at the start, {r['load_average_end']} at the end, on 2 cores): "
@@ -337,7 +338,7 @@ def main(argv=None) -> int:
          "date": time.strftime("%Y-%m-%d %H:%M"), "run_dir": str(args.run_dir), "models": len(run.checkpoints),
          "model": run.cfg["model"].get("name", run.cfg["model"].get("_target_")), "crop_size": run.cfg["crop_size"],
          "spatial_size": run.cfg["spatial_size"], "spacing": run.cfg["spacing"], "load_average_start": load_average(),
-         "note": args.note}
+         "note": args.note, "run_command": run.run_provenance.get("command")}
     with tempfile.TemporaryDirectory(prefix="bench_predict.") as tmp:
         tmp = Path(tmp)
         inputs = args.inputs or synthetic_inputs(args.volumes, tmp / "synthetic")

@@ -41,10 +41,13 @@ def parse_args(argv=None):
     g.add_argument("--threshold", type=float, default=None, help="decision threshold on P(MCI) (default: the run's)")
     g.add_argument("--batch-size", type=int, default=None, help="views per forward pass")
     g.add_argument("--device", default=None, help="auto | cpu | cuda")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 is often faster on a CPU shared with other jobs")
     g.add_argument("--amp", choices=["auto", "true", "false"], default=None,
                    help="auto: autocast on CUDA, fp32 on CPU; true: also bf16 on a CPU that has it; false: fp32")
-    g.add_argument("--saliency-class", choices=["MCI", "NC", "predicted"], default=None)
-    g.add_argument("--saliency-layer", default=None, help="Grad-CAM target layer (default layer4)")
+    g.add_argument("--saliency-class", choices=["MCI", "NC", "predicted"], default=None,
+                   help="class whose evidence Grad-CAM maps (default: the predicted label)")
+    g.add_argument("--saliency-layer", default=None, help="Grad-CAM target layer (default layer3; layer4 of the 3D ResNet-18 is 2x2x2 voxels)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="inference.KEY=VALUE",
                    help="any inference option, e.g. --set inference.workers=1 (repeatable)")
     return p.parse_args(argv)
@@ -60,7 +63,7 @@ def main(argv=None) -> int:
     options = parse_set_overrides(args.overrides)
     options.update({k: v for k, v in {
         "windows": args.windows, "overlap": args.overlap, "flips": args.flips, "threshold": args.threshold,
-        "batch_size": args.batch_size, "device": args.device, "amp": args.amp,
+        "batch_size": args.batch_size, "device": args.device, "amp": args.amp, "threads": args.threads,
         "saliency_class": args.saliency_class, "saliency_layer": args.saliency_layer,
         "folds": [int(f) for f in args.folds.split(",") if f.strip()] if args.folds else None,
     }.items() if v is not None})

@@ -183,6 +183,35 @@ def test_options_from_config_and_overrides():
         resolve_options(cfg, {"views": "slices_2d_nonexistent"})
 
 
+def test_another_view_strategy_plugs_in(tiny, tmp_path, monkeypatch):
+    """The seam the 2D model uses: a registered strategy predicts through the same command."""
+    from petmonai import inference
+
+    class RandomCrops(inference.ViewStrategy):
+        name = "test_random_crops"
+        defaults = {"passes": 3}
+
+        def views(self, volume, rng):
+            roi = self.cfg["crop_size"]
+            out = []
+            for _ in range(self.options["passes"]):
+                s = [int(rng.integers(0, v - c + 1)) for v, c in zip(volume.shape[1:], roi)]
+                out.append(volume[:, s[0]:s[0] + roi[0], s[1]:s[1] + roi[1], s[2]:s[2] + roi[2]])
+            return torch.stack(out)
+
+        def labels(self, volume_shape):
+            return [f"pass={i}" for i in range(self.options["passes"])]
+
+    monkeypatch.setitem(inference.VIEW_STRATEGIES, RandomCrops.name, RandomCrops)
+    run_dir, cohort = tiny
+    opts = {"views": "test_random_crops", "passes": 4, "threads": 1}
+    first = predict(run_dir, [cohort / "Test" / "2.nii.gz"], tmp_path / "a" / "s.csv", options=opts)
+    again = predict(run_dir, [cohort / "Test" / "2.nii.gz"], tmp_path / "b" / "s.csv", options=opts)
+    assert first.table["n_views"].tolist() == [2 * 4]
+    assert first.table["prob_mci"].tolist() == again.table["prob_mci"].tolist()  # random views, seeded per uuid
+    assert first.provenance["views"] == {"views": "test_random_crops"}
+
+
 # ---------------------------------------------------------------------------------------------- submission
 
 
@@ -391,7 +420,7 @@ def test_script_end_to_end(tiny, tmp_path, capsys):
     out = tmp_path / "sub.csv"
     code = script.main(["--run-dir", str(run_dir), "--input", str(cohort / "Test" / "2.nii.gz"),
                         str(cohort / "Test" / "10.nii.gz"), "--output", str(out), "--flips", "none",
-                        "--windows", "center", "--folds", "1", "--set", "inference.threads=1"])
+                        "--windows", "center", "--folds", "1", "--threads", "1", "--set", "inference.batch_size=4"])
     assert code == 0
     assert "2 input volume(s): 2 predicted, 0 skipped" in capsys.readouterr().out
     assert pd.read_csv(out)["uuid"].tolist() == [2, 10]
