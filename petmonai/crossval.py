@@ -26,7 +26,7 @@ from monai.data import DataLoader, Dataset, DistributedSampler
 from monai.utils import set_determinism
 
 from petmonai import distributed as dist
-from petmonai.data import train_rows
+from petmonai.data import to_items, train_rows
 from petmonai.datasets import VolumeCache
 from petmonai.engine import (BEST_CHECKPOINT, TrainingState, build_engines, configure_backends, load_weights,
                              memory_format, predict_probabilities)
@@ -48,7 +48,7 @@ def fold_dir_name(repeat: int, fold: int) -> str:
 
 
 def build_cache(cfg: dict, datalist: pd.DataFrame, preprocess) -> VolumeCache:
-    items = [{"image": r.image, "label": int(r.label), "scan_id": r.scan_id} for r in datalist.itertuples()]
+    items = to_items(datalist)
     t0 = time.perf_counter()
     cache = VolumeCache(items, preprocess, num_workers=cfg["data"].get("cache_workers", 2),
                         skip_bad=cfg["data"].get("skip_bad", False))

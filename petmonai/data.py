@@ -330,18 +330,11 @@ def fingerprint(paths) -> str:
 
 
 def to_items(df: pd.DataFrame) -> list[dict]:
-    """MONAI-style data dicts: ``{"image": path, "label": int, "uuid": str}``."""
-    return [
-        {"image": r.image, "label": int(r.label), "uuid": str(r.uuid)}
-        for r in df.itertuples(index=False)
-    ]
-
-
-def label_name(label: int) -> str:
-    return CLASS_NAMES[int(label)]
+    """MONAI-style data dicts: ``{"image": path, "label": int, "scan_id": str}``."""
+    return [{"image": r.image, "label": int(r.label), "scan_id": r.scan_id} for r in df.itertuples(index=False)]
 
 
 __all__ = [
     "COLUMNS", "CLASS_TO_LABEL", "discover", "discover_layout", "read_datalist_csv", "read_header",
-    "fingerprint", "to_items", "train_rows", "nifti_stem", "label_name",
+    "fingerprint", "to_items", "train_rows", "nifti_stem",
 ]
