@@ -18,7 +18,7 @@ from ignite.engine import Events
 
 from petmonai.crossval import build_cache, make_loader
 from petmonai.data import train_rows
-from petmonai.engine import build_engines
+from petmonai.engine import build_engines, configure_backends
 from petmonai.models import build_model
 from petmonai.runs import versions
 from petmonai.transforms import build_pipelines
@@ -45,10 +45,10 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": torch.get_num_threads(), "memory_gb": round(mem_gb, 1), "gpu": gpu}
 
 
-def matmul_flops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large fp32 matmul: the machine's practical ceiling, measured in the same run."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def matmul_flops(device: torch.device, n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of a large matmul: the machine's practical ceiling, measured in the same run."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     times = []
     for _ in range(repeats):
@@ -142,13 +142,14 @@ def engine_loop(net, batches, device, train_cfg, tmp_dir) -> float:
     return marks["end"] - marks["start"]
 
 
-def benchmark_training(cfg: dict, datalist, device: torch.device, epochs: int = 3, rounds: int = 3,
+def benchmark_training(cfg: dict, datalist, device: torch.device, epochs: int = 3, rounds: int = 7,
                        tmp_dir=None) -> dict:
     """Cold vs cached preprocessing, volumes/s, data wait, FLOP/s ratio, engine vs bare loop, memory."""
     import tempfile
 
     tmp_dir = tmp_dir or tempfile.mkdtemp(prefix="petmonai-bench-")
     train = train_rows(datalist)
+    configure_backends(device, cfg["train"])  # as training does (the CPU allocator setting)
     preprocess, augment = build_pipelines(cfg)
     t0 = time.perf_counter()
     cache = build_cache({**cfg, "data": {**cfg["data"], "cache_workers": 1}}, train, preprocess)
@@ -177,7 +178,9 @@ def benchmark_training(cfg: dict, datalist, device: torch.device, epochs: int = 
     volumes_per_s = len(loader.dataset) * len(timer.epoch_time[later]) / epoch_time
 
     # 2. engine vs bare loop on identical pre-made batches, alternated to share the machine's noise
+    # each timed run long enough (>= 30 batches) that scheduler noise averages out
     batches = [b for b in loader]
+    batches = batches * max(1, -(-30 // len(batches)))
     engine_t, bare_t = [], []
     bare_loop(build_model(cfg["model"], cfg).to(device), batches[:2], device)  # warm-up
     for _ in range(rounds):
@@ -195,7 +198,9 @@ def benchmark_training(cfg: dict, datalist, device: torch.device, epochs: int = 
     big = [{"image": torch.randn(bs, 1, 96, 96, 64), "label": torch.randint(0, 2, (bs,))} for _ in range(3)]
     bare_loop(build_model(cfg["model"], cfg).to(device), big[:1], device)  # warm-up
     big_s = bare_loop(build_model(cfg["model"], cfg).to(device), big, device)
+    precision = benchmark_precision(cfg, batches, device, tmp_dir) if device.type == "cuda" else None
     return {
+        "precision": precision,
         "machine": machine(),
         "versions": versions(),
         "device": str(device),
@@ -209,7 +214,8 @@ def benchmark_training(cfg: dict, datalist, device: torch.device, epochs: int = 
         "data_wait_fraction": wait_fraction,
         "engine_s": engine_t,
         "bare_s": bare_t,
-        "engine_overhead": statistics.median(engine_t) / statistics.median(bare_t) - 1.0,
+        # median of per-round ratios: each pair ran back to back, so slow drifts of the machine cancel
+        "engine_overhead": statistics.median(e / b for e, b in zip(engine_t, bare_t)) - 1.0,
         "bare_volumes_per_s": n_volumes / statistics.median(bare_t),
         "step_flops": step_flops,
         "achieved_flops_per_s": step_flops / bare_step_s,
@@ -217,4 +223,61 @@ def benchmark_training(cfg: dict, datalist, device: torch.device, epochs: int = 
         "fraction_of_matmul": step_flops / bare_step_s / ceiling,
         "bare_volumes_per_s_96x96x64": 3 * bs / big_s,
         "peak_rss_gb": peak_rss_gb(),
+    }
+
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, FLOP/s.
+DENSE_BF16_PEAK = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 NVL": 835e12,
+                   "H100 PCIe": 756e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+
+
+def dense_bf16_peak(gpu_name: str | None) -> float | None:
+    """The data-sheet dense bf16 peak of a GPU named like ``torch.cuda.get_device_name()``."""
+    for key, peak in DENSE_BF16_PEAK.items():
+        if gpu_name and key.lower() in gpu_name.lower():
+            return peak
+    return None
+
+
+def benchmark_precision(cfg: dict, batches: list, device: torch.device, tmp_dir, rounds: int = 3) -> dict:
+    """Mixed precision vs fp32 through our trainer, same model and batches, alternated: speedup,
+    volumes/s, peak GPU memory and the AMP step's FLOP/s against the GPU's dense bf16 peak (and
+    against a bf16 matmul measured now). On CPU ``amp`` is ignored, so the speedup is ~1 there:
+    the code path runs everywhere, the figure means something on CUDA only."""
+    from petmonai.engine import amp_settings
+
+    tcfg = cfg["train"]
+    n_volumes = sum(len(b["label"]) for b in batches)
+    times = {False: [], True: []}
+    peak_gpu = {}
+    engine_loop(build_model(cfg["model"], cfg).to(device), batches[:2], device, {**tcfg, "amp": True}, tmp_dir)
+    for _ in range(rounds):
+        for amp in (False, True):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            net = build_model(cfg["model"], cfg).to(device)
+            times[amp].append(engine_loop(net, batches, device, {**tcfg, "amp": amp}, tmp_dir))
+            if device.type == "cuda":
+                peak_gpu[amp] = torch.cuda.max_memory_allocated(device) / 1024**3
+    fp32_s, amp_s = statistics.median(times[False]), statistics.median(times[True])
+    enabled, kwargs = amp_settings(device, True)
+    step_flops = training_step_flops(build_model(cfg["model"], cfg).to(device), tuple(batches[0]["image"].shape), device)
+    amp_flops = step_flops * len(batches) / amp_s
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak = dense_bf16_peak(gpu)
+    bf16_matmul = matmul_flops(device, n=8192 if device.type == "cuda" else 1024, dtype=torch.bfloat16)
+    return {
+        "amp_dtype": str(kwargs.get("dtype")) if enabled else "none (fp32: AMP is CUDA only)",
+        "fp32_s": times[False],
+        "amp_s": times[True],
+        "amp_speedup": fp32_s / amp_s,
+        "amp_volumes_per_s": n_volumes / amp_s,
+        "fp32_volumes_per_s": n_volumes / fp32_s,
+        "peak_gpu_memory_gb": peak_gpu,
+        "amp_step_flops_per_s": amp_flops,
+        "gpu": gpu,
+        "dense_bf16_peak_flops_per_s": peak,
+        "fraction_of_dense_bf16_peak": amp_flops / peak if peak else None,
+        "bf16_matmul_flops_per_s": bf16_matmul,
+        "fraction_of_bf16_matmul": amp_flops / bf16_matmul,
     }

@@ -61,6 +61,7 @@ SCHEMA: dict[str, Any] = {
         "progress_bar": bool,
         "channels_last": (bool, str),   # auto | true | false (petmonai.engine.channels_last)
         "cudnn_benchmark": bool,
+        "cpu_allocator": str,           # tuned | default (petmonai.engine.tune_cpu_allocator)
         "compile": bool,
         "compile_kwargs": dict,
         "augment_on_device": bool,

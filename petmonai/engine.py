@@ -41,7 +41,7 @@ from monai.handlers import (
 from monai.inferers import SimpleInferer
 
 from petmonai import distributed as dist
-from petmonai.errors import PetmonaiError
+from petmonai.errors import ConfigError, PetmonaiError
 from petmonai.runs import LOGGER_NAME, atomic_write_csv
 
 BEST_CHECKPOINT = "best_model.pt"
@@ -79,10 +79,45 @@ def memory_format(device: torch.device, train_cfg: dict) -> torch.memory_format:
     return torch.channels_last_3d if channels_last(device, train_cfg) else torch.contiguous_format
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed activation buffers in the process instead of handing them back to the kernel.
+
+    glibc serves every allocation above 128 KiB-32 MiB (adaptive) with a fresh ``mmap``, so each
+    training step re-faults (and zeroes) hundreds of MB of pages: a third of the CPU time was
+    system time. Raising the mmap and trim thresholds lets ``malloc`` reuse those blocks
+    (measured: ~20% faster 3D ResNet-18 steps on 2 cores, half the system time, for ~0.5 GB more
+    peak resident memory; docs/benchmarks.md). Returns ``False`` (and does nothing) where the C library is not glibc.
+
+    >>> tune_cpu_allocator()
+    True
+    """
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and friends: no mallopt
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)) and bool(mallopt(_M_TRIM_THRESHOLD, 512 * 1024 * 1024))
+
+
 def configure_backends(device: torch.device, train_cfg: dict) -> None:
     """cuDNN autotuning on CUDA (``train.cudnn_benchmark``): picks the fastest convolution
     algorithms for the fixed input shape, at the price of bit-for-bit reproducibility. Call after
-    ``set_determinism``, which turns it off."""
+    ``set_determinism``, which turns it off. ``train.cpu_allocator: tuned`` (the default) applies
+    :func:`tune_cpu_allocator`."""
+    allocator = str(train_cfg.get("cpu_allocator", "tuned"))
+    if allocator not in ("tuned", "default"):
+        raise ConfigError(f"train.cpu_allocator: {allocator!r} is not one of: tuned, default")
+    if allocator == "tuned":
+        tune_cpu_allocator()
     if device.type == "cuda" and bool(train_cfg.get("cudnn_benchmark", True)):
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.deterministic = False
@@ -163,6 +198,7 @@ def build_engines(
         network=train_net,
         optimizer=optimizer,
         loss_function=torch.nn.CrossEntropyLoss(),
+        optim_set_to_none=True,  # frees gradients instead of zero-filling 33M floats every step
         inferer=SimpleInferer(),
         amp=amp,
         amp_kwargs=amp_kwargs,

@@ -41,7 +41,7 @@ rates (volumes/s) are only comparable between runs on an equally loaded machine.
 | training step as a fraction of the matmul ceiling | {r['fraction_of_matmul']:.1%} | |
 | peak resident memory | {r['peak_rss_gb']:.2f} GB | <= 6 GB |
 
-Engine runs (s): {', '.join(f'{t:.2f}' for t in r['engine_s'])}; bare runs (s): {', '.join(f'{t:.2f}' for t in r['bare_s'])}.
+Engine runs (s): {", ".join(f"{t:.2f}" for t in r["engine_s"])}; bare runs (s): {", ".join(f"{t:.2f}" for t in r["bare_s"])} (alternated; overhead = median of the per-round ratios).
 
 ## Data
 
@@ -50,7 +50,39 @@ Engine runs (s): {', '.join(f'{t:.2f}' for t in r['engine_s'])}; bare runs (s): 
 | cold preprocessing (NIfTI decode, resample, normalise, crop) per volume | {r['cold_preprocess_s_per_volume']*1000:.0f} ms |
 | cached fetch per volume (no decode) | {r['cached_fetch_s_per_volume']*1000:.2f} ms |
 | cached volume size in memory | {r['cached_volume_mb']:.2f} MB |
+
+The cache lives in memory (MONAI CacheDataset), nothing on disk.
+
+## Inference
+
+The TTA fold ensemble (volumes/s per configuration, the cost of windows, flips and folds) is
+measured by `scripts/bench_predict.py`: see [benchmarks_inference.md](benchmarks_inference.md).
+
+## GPU
+
+{render_gpu(r)}
 """
+
+
+def render_gpu(r: dict) -> str:
+    p = r.get("precision")
+    if not p:
+        return ("No GPU in this run. The CUDA paths (AMP, channels_last_3d, cuDNN benchmark, pinned memory,\n"
+                "torch.compile, augmentation on the device) run on CPU in tests/test_gpu_paths.py.")
+    frac = f"{p['fraction_of_dense_bf16_peak']:.1%}" if p["fraction_of_dense_bf16_peak"] else "n/a (GPU not in the table)"
+    peak_mem = ", ".join(f"{'AMP' if k else 'fp32'} {v:.2f} GB" for k, v in p["peak_gpu_memory_gb"].items())
+    return f"""GPU: {p['gpu']}; AMP dtype {p['amp_dtype']}.
+
+| figure | value | target |
+|---|---|---|
+| AMP vs fp32 speedup, our trainer, same model and batches | {p['amp_speedup']:.2f}x | >= 2x |
+| volumes/s with AMP / fp32 | {p['amp_volumes_per_s']:.1f} / {p['fp32_volumes_per_s']:.1f} | |
+| AMP step FLOP/s | {p['amp_step_flops_per_s']/1e12:.1f} TFLOP/s | |
+| fraction of the GPU's dense bf16 peak (data sheet) | {frac} | |
+| fraction of a large bf16 matmul measured in this run | {p['fraction_of_bf16_matmul']:.1%} | |
+| peak GPU memory | {peak_mem} | |
+
+fp32 runs (s): {", ".join(f"{t:.2f}" for t in p["fp32_s"])}; AMP runs (s): {", ".join(f"{t:.2f}" for t in p["amp_s"])}."""
 
 
 @user_errors

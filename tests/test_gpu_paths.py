@@ -155,3 +155,13 @@ def test_gpu_switches_train_end_to_end_on_cpu(tiny_cohort, fast_config, tmp_path
     from petmonai.models import build_model
 
     load_weights(build_model({"name": "resnet18_3d"}), out / "fold_0" / "best_model.pt", CPU)  # plain keys
+
+
+def test_cpu_allocator_option():
+    from petmonai.engine import tune_cpu_allocator
+    from petmonai.errors import ConfigError
+
+    assert tune_cpu_allocator() is True  # glibc (CI and this machine): both thresholds accepted
+    configure_backends(CPU, {"cpu_allocator": "default"})
+    with pytest.raises(ConfigError, match="cpu_allocator"):
+        configure_backends(CPU, {"cpu_allocator": "fast"})
