@@ -18,7 +18,7 @@ from ignite.engine import Events
 
 from petmonai.crossval import build_cache, make_loader
 from petmonai.data import train_rows
-from petmonai.engine import build_engines, configure_backends
+from petmonai.engine import build_engines, configure_backends, make_optimizer
 from petmonai.models import build_model
 from petmonai.runs import versions
 from petmonai.transforms import build_pipelines
@@ -106,7 +106,7 @@ class DataWaitTimer:
 
 def bare_loop(net, batches, device, lr=3e-4) -> float:
     """A plain PyTorch training loop over pre-made batches; returns seconds."""
-    opt = torch.optim.AdamW(net.parameters(), lr=lr)
+    opt = make_optimizer(net, lr, 0.01, device)  # the trainer's optimiser: the comparison isolates the engine
     loss_fn = torch.nn.CrossEntropyLoss()
     net.train()
     _sync(device)

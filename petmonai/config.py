@@ -47,6 +47,7 @@ SCHEMA: dict[str, Any] = {
     "spacing": list,
     "spatial_size": list,
     "crop_size": list,
+    "num_slices": int,            # 2D slice models: axial slices stacked as input channels
     "train": {
         "max_epochs": int,
         "batch_size": int,
@@ -66,6 +67,7 @@ SCHEMA: dict[str, Any] = {
         "compile_kwargs": dict,
         "augment_on_device": bool,
         "sync_bn": bool,
+        "keep_resume_checkpoint": bool,
     },
     "report": {                   # evaluation report (petmonai.report) and its reference model
         "write": bool,
@@ -82,11 +84,12 @@ SCHEMA: dict[str, Any] = {
     },
     "preprocess": list,
     "augment": list,
+    "evaluate": list,             # optional: deterministic transforms before evaluation (2D slices)
     "model": dict,
     "imports": list,
     "inference": dict,
 }
-FREE_FORM = {"preprocess", "augment", "model", "imports", "inference"}
+FREE_FORM = {"preprocess", "augment", "evaluate", "model", "imports", "inference"}
 
 
 class _Loader(yaml.SafeLoader):

@@ -31,16 +31,16 @@ from petmonai.datasets import VolumeCache
 from petmonai.engine import (BEST_CHECKPOINT, TrainingState, build_engines, configure_backends, load_weights,
                              memory_format, predict_probabilities)
 from petmonai.metrics import evaluate_cv, scored_predictions
-from petmonai.models import build_model, count_parameters
+from petmonai.models import build_model, count_parameters, model_label, spatial_dims
 from petmonai.runs import atomic_write_csv, atomic_write_json, get_logger
 from petmonai.splits import LEAKY_PROTOCOLS, fold_ids, fold_members, load_folds, make_folds
-from petmonai.transforms import build_pipelines
+from petmonai.transforms import build_evaluation, build_pipelines
 
 log = get_logger("cv")
 
 FOLD_PREDICTIONS = "predictions.csv"   # a fold's test and val predictions
 FOLD_RESULT = "fold_result.json"       # written last: the fold is finished
-RESUME_CHECKPOINT = "checkpoint.pt"    # resumable state, rewritten every epoch
+RESUME_CHECKPOINT = "checkpoint.pt"    # resumable state, rewritten every epoch, removed when the fold ends
 
 
 def fold_dir_name(repeat: int, fold: int) -> str:
@@ -140,7 +140,8 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
     train_set = training_dataset(cache, ids["train"], augment, device, on_device)
     train_loader = make_loader(train_set, bs, True, 0 if on_device else workers, device, seed, distributed=True,
                                pin_memory=False if on_device else None)
-    val_loader = (make_loader(cache.subset(ids["val"]), bs, False, 0, device, distributed=True)
+    evaluate = build_evaluation(cfg)  # 2D: evenly spaced slices + centre crop; 3D: None (the cached volume)
+    val_loader = (make_loader(cache.subset(ids["val"], evaluate), bs, False, 0, device, distributed=True)
                   if ids["val"] else None)
     net = build_model(cfg["model"], cfg).to(device)
     trainer, evaluator = build_engines(net, train_loader, val_loader, out_dir, tcfg, device)
@@ -164,11 +165,11 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
     dist.broadcast_module(net)  # rank 0's best weights on every rank
     if trace is not None:
         trace.record("best", digest=dist.state_digest(net))
-    preds, fmt = [], memory_format(device, tcfg)
+    preds, fmt = [], memory_format(device, tcfg, spatial_dims(net))
     for role in ("test", "val"):
         if not ids[role]:
             continue
-        loader = make_loader(cache.subset(dist.shard(ids[role])), bs, False, 0, device)  # this rank's share
+        loader = make_loader(cache.subset(dist.shard(ids[role]), evaluate), bs, False, 0, device)  # this rank's share
         # float64 so that predictions read back from predictions.csv (resume) are bit-identical
         probs = predict_probabilities(net, loader, device, bool(tcfg.get("amp", True)), fmt).astype(np.float64)
         if dist.world_size() > 1:
@@ -188,6 +189,8 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
         atomic_write_json(out_dir / "timing.json", {"train_seconds": seconds, "processes": dist.world_size(),
                                                     "train_volumes": len(ids["train"]) * info["epochs_run"]})
         atomic_write_json(out_dir / FOLD_RESULT, info)  # written last: marks the fold as finished
+        if not bool(tcfg.get("keep_resume_checkpoint", False)):  # ~0.4 GB a fold; a finished fold needs none
+            (out_dir / RESUME_CHECKPOINT).unlink(missing_ok=True)
     return {**info, "predictions": predictions}
 
 
@@ -257,7 +260,7 @@ def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path,
     atomic_write_csv(run_dir / "oof_predictions.csv", test_preds.drop(columns=["role"]))
     atomic_write_csv(run_dir / "val_predictions.csv", preds[preds["role"] == "val"])
     atomic_write_json(run_dir / "metrics.json", metrics)
-    log.info("3D CNN: %s", metrics["headline"]["text"])
+    log.info("%s: %s", model_label(cfg["model"]), metrics["headline"]["text"])
 
     reference = None
     if rcfg.get("reference_model", True):

@@ -42,6 +42,7 @@ from monai.inferers import SimpleInferer
 
 from petmonai import distributed as dist
 from petmonai.errors import ConfigError, PetmonaiError
+from petmonai.models import spatial_dims
 from petmonai.runs import LOGGER_NAME, atomic_write_csv
 
 BEST_CHECKPOINT = "best_model.pt"
@@ -75,8 +76,11 @@ def channels_last(device: torch.device, train_cfg: dict) -> bool:
     return value
 
 
-def memory_format(device: torch.device, train_cfg: dict) -> torch.memory_format:
-    return torch.channels_last_3d if channels_last(device, train_cfg) else torch.contiguous_format
+def memory_format(device: torch.device, train_cfg: dict, dims: int = 3) -> torch.memory_format:
+    """The layout of model and batches: ``channels_last_3d`` (3D) / ``channels_last`` (2D) or contiguous."""
+    if not channels_last(device, train_cfg):
+        return torch.contiguous_format
+    return torch.channels_last_3d if dims == 3 else torch.channels_last
 
 
 # glibc mallopt parameters (malloc.h)
@@ -128,7 +132,8 @@ def prepare_batch(batchdata, device=None, non_blocking: bool = False,
     """MONAI's default batch preparation (image, label to the device), the image laid out in
     ``memory_format`` (``channels_last_3d`` on GPU)."""
     image, *rest = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
-    if memory_format is not torch.contiguous_format and image.ndim == 5:
+    if (memory_format is torch.channels_last_3d and image.ndim == 5) or (memory_format is torch.channels_last
+                                                                          and image.ndim == 4):
         image = image.contiguous(memory_format=memory_format)
     return (image, *rest)
 
@@ -148,6 +153,17 @@ def mci_probability(output: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     probs = torch.stack([torch.softmax(torch.as_tensor(o["pred"]).float(), dim=0)[1] for o in output])
     labels = torch.as_tensor([int(o["label"]) for o in output])
     return probs, labels
+
+
+def make_optimizer(net: torch.nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel over all parameters) on CPU and CUDA: on 2 CPU cores the per-tensor
+    update of the 33M-parameter 3D ResNet-18 took ~100 ms per step, the fused one ~20 ms.
+
+    >>> make_optimizer(torch.nn.Linear(2, 2), 1e-3, 0.01, torch.device("cpu")).defaults["fused"]
+    True
+    """
+    fused = device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in net.parameters())
+    return torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def build_engines(
@@ -171,15 +187,14 @@ def build_engines(
     """
     fold_dir = Path(fold_dir)
     amp, amp_kwargs = amp_settings(device, train_cfg.get("amp", True))
-    fmt = memory_format(device, train_cfg)
+    fmt = memory_format(device, train_cfg, spatial_dims(net))
     if fmt is not torch.contiguous_format:
         net.to(memory_format=fmt)
     batch_fn = functools.partial(prepare_batch, memory_format=fmt)
     main = dist.is_main()
     train_net = dist.wrap_ddp(net, device, sync_bn=bool(train_cfg.get("sync_bn", True)))
     max_epochs = int(train_cfg["max_epochs"])
-    optimizer = torch.optim.AdamW(net.parameters(), lr=float(train_cfg["lr"]),
-                                  weight_decay=float(train_cfg["weight_decay"]))
+    optimizer = make_optimizer(net, float(train_cfg["lr"]), float(train_cfg["weight_decay"]), device)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
     log_name = f"{LOGGER_NAME}.engine"
     tb_dir = fold_dir / "tensorboard"

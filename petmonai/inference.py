@@ -318,6 +318,77 @@ class SlidingWindowFlips3D(ViewStrategy):
         return torch.rand(2, 1, *self.roi, generator=generator) * 2.0
 
 
+def _slice_settings(cfg: dict) -> tuple[int, bool]:
+    """(number of slices, whether training sorted its random draws) of a 2D slice run's config."""
+    n = cfg.get("num_slices", (cfg.get("model") or {}).get("in_channels"))
+    if n is None:
+        raise ConfigError("2D slice views need 'num_slices' (or model.in_channels) in the run config")
+    sort = any(str(t.get("_target_", "")).endswith("RandAxialSlicesd") and bool(t.get("sort", False))
+               for t in cfg.get("augment") or [] if isinstance(t, dict))
+    return int(n), sort
+
+
+@register_views("random_slices_2d", "resnet18_2d")
+class RandomSlices2D(ViewStrategy):
+    """The 2D slice model's test-time views: ``passes`` draws of ``num_slices`` axial slices (at
+    random as in training, with replacement, or evenly spaced) cropped in plane to the training
+    crop (at random, or centred). The challenge baseline averaged 10 random passes; ``slices:
+    even, crop: center, passes: 1`` is the single view the cross-validation evaluated.
+    """
+
+    defaults = {
+        "passes": 10,          # views per volume
+        "slices": "random",    # random (as training drew them) | even (evenly spaced, as evaluation)
+        "crop": "random",      # random | center: where the in-plane crop of crop_size lies
+    }
+
+    def __init__(self, cfg: dict, options: dict):
+        super().__init__(cfg, options)
+        if "crop_size" not in cfg or len(cfg["crop_size"]) != 2:
+            raise ConfigError("random_slices_2d views need a 2-element 'crop_size' (in-plane) in the run config")
+        self.roi = [int(c) for c in cfg["crop_size"]]
+        self.num_slices, self.sort = _slice_settings(cfg)
+        self.passes = int(options["passes"])
+        self.slices, self.crop = str(options["slices"]), str(options["crop"])
+        if self.passes < 1:
+            raise ConfigError("inference.passes must be at least 1")
+        if self.slices not in ("random", "even"):
+            raise ConfigError(f"inference.slices: '{self.slices}' is not random or even")
+        if self.crop not in ("random", "center"):
+            raise ConfigError(f"inference.crop: '{self.crop}' is not random or center")
+
+    def views(self, volume: torch.Tensor, rng: np.random.Generator | None = None) -> torch.Tensor:
+        from petmonai.transforms import slice_indices, take_axial_slices
+
+        rng = rng if rng is not None else np.random.default_rng(0)
+        x, y = (int(s) for s in volume.shape[1:3])
+        pad = [max(0, r - s) for s, r in zip((x, y), self.roi)]
+        out = []
+        for _ in range(self.passes):
+            idx = slice_indices(int(volume.shape[-1]), self.num_slices, self.slices, rng, True, self.sort)
+            img = take_axial_slices(volume, idx)
+            if any(pad):
+                img = torch.nn.functional.pad(img, [pad[1] // 2, pad[1] - pad[1] // 2, pad[0] // 2, pad[0] - pad[0] // 2])
+            sx, sy = (int(s) for s in img.shape[1:])
+            if self.crop == "random":
+                ox, oy = int(rng.integers(0, sx - self.roi[0] + 1)), int(rng.integers(0, sy - self.roi[1] + 1))
+            else:
+                ox, oy = (sx - self.roi[0]) // 2, (sy - self.roi[1]) // 2
+            out.append(img[:, ox:ox + self.roi[0], oy:oy + self.roi[1]])
+        return torch.stack(out)
+
+    def labels(self, volume_shape: Sequence[int]) -> list[str]:
+        return [f"pass={i} slices={self.slices} crop={self.crop}" for i in range(self.passes)]
+
+    def describe(self, volume_shape: Sequence[int] | None = None) -> dict:
+        return {"views": self.name, "n_views": self.passes, "passes": self.passes, "slices": self.slices,
+                "crop": self.crop, "num_slices": self.num_slices, "sorted": self.sort, "crop_size": self.roi}
+
+    def example_input(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        return torch.rand(2, self.num_slices, *self.roi, generator=generator) * 2.0
+
+
 def strategy_name(cfg: dict, options: dict) -> str:
     name = options.get("views", "auto")
     if name in (None, "auto"):
@@ -828,6 +899,9 @@ def predict(run_dir: str | Path, inputs: Sequence[str | Path], output: str | Pat
     paths = output_paths(output, saliency)
     check_outputs(paths, overwrite)
     run = load_run(run_dir, options, with_models=False)
+    if saliency and not isinstance(run.strategy, SlidingWindowFlips3D):
+        raise ConfigError(f"--saliency maps volumes of a 3D model; run {run_dir} predicts with "
+                          f"'{run.strategy.name}' views (a 2D slice model): predict without --saliency")
     desc = run.strategy.describe()
     log.info("run %s: %d fold model(s) x %s views per volume (%s) on %s%s; threshold %.3f (%s)",
              run.run_dir, len(run.checkpoints), desc.get("n_views", "?"),
@@ -977,6 +1051,7 @@ def _fold_out_of_fold(run: LoadedRun, model: FoldModel, folds: pd.DataFrame, ima
 
 __all__ = [
     "COMMON_DEFAULTS", "VIEW_STRATEGIES", "DEFAULT_VIEWS_BY_MODEL", "ViewStrategy", "SlidingWindowFlips3D",
+    "RandomSlices2D",
     "register_views", "parse_flips", "flips_form_group", "window_starts", "resolve_options", "parse_set_overrides",
     "load_run", "load_models", "LoadedRun", "collect_inputs", "preprocess_file", "prepare_all", "predict_views",
     "summarise_views", "predict", "PredictionResult", "check_submission_text", "predict_out_of_fold",

@@ -35,6 +35,28 @@ def resnet18_3d(in_channels: int = 1, num_classes: int = 2, **kwargs) -> torch.n
     return resnet18(spatial_dims=3, n_input_channels=in_channels, num_classes=num_classes, **kwargs)
 
 
+@register("resnet18_2d")
+def resnet18_2d(in_channels: int = 50, num_classes: int = 2, **kwargs) -> torch.nn.Module:
+    """MONAI 2D ResNet-18 whose input channels are axial slices (the challenge baseline: 50),
+    trained from scratch (no torchvision, no downloaded weights).
+
+    >>> resnet18_2d()(torch.zeros(2, 50, 120, 120)).shape
+    torch.Size([2, 2])
+    """
+    kwargs = {"conv1_t_size": 7, "conv1_t_stride": 2, **kwargs}
+    return resnet18(spatial_dims=2, n_input_channels=in_channels, num_classes=num_classes, **kwargs)
+
+
+def spatial_dims(net: torch.nn.Module) -> int:
+    """2 or 3: the dimensionality of the network's first convolution."""
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            return 3
+        if isinstance(module, torch.nn.Conv2d):
+            return 2
+    return 3
+
+
 def build_model(model_cfg: dict, full_cfg: dict | None = None) -> torch.nn.Module:
     """Instantiate the network described by the config's ``model`` section."""
     if "_target_" in model_cfg:
@@ -49,6 +71,20 @@ def build_model(model_cfg: dict, full_cfg: dict | None = None) -> torch.nn.Modul
         return MODELS[name](**options)
     except TypeError as err:
         raise ConfigError(f"config key 'model': bad option for {name}: {err}") from None
+
+
+def model_label(model_cfg: dict) -> str:
+    """A short display name: ``3D CNN`` / ``2D CNN`` for the registered ResNets, else the name.
+
+    >>> model_label({"name": "resnet18_2d"})
+    '2D CNN'
+    """
+    name = str(model_cfg.get("name") or model_cfg.get("_target_", "CNN"))
+    if name.endswith("_3d"):
+        return "3D CNN"
+    if name.endswith("_2d"):
+        return "2D CNN"
+    return name.rsplit(".", 1)[-1]
 
 
 def count_parameters(net: torch.nn.Module) -> int:

@@ -35,7 +35,24 @@ log = get_logger("report")
 
 CNN_NAME = "3D CNN"
 REFERENCE_NAME = "PCA + LR reference"
-COLOURS = {CNN_NAME: "#1f77b4", REFERENCE_NAME: "#d95f02"}
+COLOURS = {CNN_NAME: "#1f77b4", "2D CNN": "#7570b3", REFERENCE_NAME: "#d95f02"}
+
+
+def colour(name: str) -> str:
+    return COLOURS.get(name, "#1b9e77")
+
+
+def run_model_name(run_dir: Path) -> str:
+    """The display name of a run's network (``3D CNN``, ``2D CNN``...) from its config.yaml."""
+    import yaml
+
+    from petmonai.models import model_label
+
+    try:
+        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return CNN_NAME
+    return model_label(cfg.get("model") or {"name": "resnet18_3d"})
 CLASS_COLOURS = {"NC": "#2ca02c", "MCI": "#9467bd"}
 FIGURES = {"roc": "roc.png", "confusion": "confusion.png", "calibration": "calibration.png",
            "curves": "training_curves.png"}
@@ -225,7 +242,7 @@ def plot_roc(models: list[dict], protocol: str, path: Path) -> Path:
         ax, ax2 = axes[0]
         grid = np.linspace(0, 1, 101)
         for m in models:
-            colour = COLOURS[m["name"]]
+            line_colour = colour(m["name"])
             curves = []
             for _, part in m["oof"].groupby(["repeat", "fold"]):
                 curve = _roc_curve(part["label"], part["prob_mci"])
@@ -236,9 +253,9 @@ def plot_roc(models: list[dict], protocol: str, path: Path) -> Path:
             curves = np.array(curves)
             mean, sd = curves.mean(0), curves.std(0)
             fa = m["metrics"]["fold_summary"]["roc_auc"]
-            ax.plot(grid, mean, color=colour, lw=2,
+            ax.plot(grid, mean, color=line_colour, lw=2,
                     label=f"{m['name']}: mean of {len(curves)} fold curves (mean fold AUC {_num(fa['mean'])})")
-            ax.fill_between(grid, np.clip(mean - sd, 0, 1), np.clip(mean + sd, 0, 1), color=colour, alpha=0.15,
+            ax.fill_between(grid, np.clip(mean - sd, 0, 1), np.clip(mean + sd, 0, 1), color=line_colour, alpha=0.15,
                             label=f"{m['name']}: ± 1 sd over folds")
         _chance(ax)
         ax.set_title("ROC inside each fold, averaged over folds\n(each fold: one unseen MCI site + one unseen NC site)",
@@ -247,7 +264,7 @@ def plot_roc(models: list[dict], protocol: str, path: Path) -> Path:
         for i, m in enumerate(models):
             aucs = [f["roc_auc"] for f in m["metrics"]["per_fold"] if np.isfinite(f["roc_auc"])]
             jitter = np.random.default_rng(0).uniform(-0.12, 0.12, len(aucs))
-            ax2.scatter(np.full(len(aucs), i) + jitter, aucs, color=COLOURS[m["name"]], alpha=0.7, s=22)
+            ax2.scatter(np.full(len(aucs), i) + jitter, aucs, color=colour(m["name"]), alpha=0.7, s=22)
             fa = m["metrics"]["fold_summary"]["roc_auc"]
             ax2.errorbar(i + 0.3, fa["mean"], yerr=fa["sd"] if np.isfinite(fa["sd"]) else None, fmt="D",
                          color="black", capsize=4)
@@ -266,18 +283,18 @@ def plot_roc(models: list[dict], protocol: str, path: Path) -> Path:
         fig, axes = _new_figure(6.4, 6.2)
         ax = axes[0][0]
         for m in models:
-            colour = COLOURS[m["name"]]
+            line_colour = colour(m["name"])
             ci = m["metrics"].get("pooled_ci", {}).get("roc_auc")
             for j, (_, part) in enumerate(m["oof"].groupby("repeat")):
                 curve = _roc_curve(part["label"], part["prob_mci"])
                 if curve is None:
                     continue
-                ax.plot(*curve, color=colour, lw=2 if j == 0 else 1, alpha=1 if j == 0 else 0.4,
+                ax.plot(*curve, color=line_colour, lw=2 if j == 0 else 1, alpha=1 if j == 0 else 0.4,
                         label=f"{m['name']}: AUC {_ci(ci)}" if j == 0 else None)
                 if j == 0:
                     sens = float((part["pred"][part["label"] == 1] == 1).mean())
                     spec = float((part["pred"][part["label"] == 0] == 0).mean())
-                    ax.plot(1 - spec, sens, "o", color=colour, ms=8, mec="black",
+                    ax.plot(1 - spec, sens, "o", color=line_colour, ms=8, mec="black",
                             label=f"{m['name']}: operating point (threshold)")
         _chance(ax)
         leaky = " (LEAKY: subjects on both sides)" if protocol == "scan" else ""
@@ -322,10 +339,10 @@ def plot_calibration(models: list[dict], protocol: str, path: Path, n_bins: int 
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
     for m in models:
         table = calibration_bins(m["oof"]["label"], m["oof"]["prob_mci"], n_bins)
-        ax.plot(table["mean_predicted"], table["observed_mci"], "o-", color=COLOURS[m["name"]], label=m["name"])
+        ax.plot(table["mean_predicted"], table["observed_mci"], "o-", color=colour(m["name"]), label=m["name"])
         for r in table.itertuples():
             ax.annotate(f"n={r.n}", (r.mean_predicted, r.observed_mci), textcoords="offset points", xytext=(4, -10),
-                        fontsize=7, color=COLOURS[m["name"]])
+                        fontsize=7, color=colour(m["name"]))
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.set_aspect("equal")
@@ -353,15 +370,16 @@ def plot_calibration(models: list[dict], protocol: str, path: Path, n_bins: int 
     return save_figure(fig, path)
 
 
-def plot_training_curves(history: pd.DataFrame, path: Path, best_epochs: dict | None = None) -> Path:
+def plot_training_curves(history: pd.DataFrame, path: Path, best_epochs: dict | None = None,
+                         name: str = CNN_NAME) -> Path:
     """Training loss and validation ROC AUC per epoch: one thin line per fold, the mean in bold."""
     fig, axes = _new_figure(12, 4.6, ncols=2)
     ax_loss, ax_auc = axes[0]
     for (repeat, fold), h in history.groupby(["repeat", "fold"]):
         h = h.sort_values("epoch")
-        ax_loss.plot(h["epoch"], h["train_loss"], color=COLOURS[CNN_NAME], lw=0.8, alpha=0.35)
+        ax_loss.plot(h["epoch"], h["train_loss"], color=colour(name), lw=0.8, alpha=0.35)
         if "val_auc" in h and h["val_auc"].notna().any():
-            ax_auc.plot(h["epoch"], h["val_auc"], color=COLOURS[CNN_NAME], lw=0.8, alpha=0.35)
+            ax_auc.plot(h["epoch"], h["val_auc"], color=colour(name), lw=0.8, alpha=0.35)
         best = (best_epochs or {}).get((int(repeat), int(fold)))
         if best is not None and "val_auc" in h:
             row = h[h["epoch"] == best]
@@ -370,9 +388,9 @@ def plot_training_curves(history: pd.DataFrame, path: Path, best_epochs: dict | 
     mean = history.groupby("epoch")[["train_loss", "val_auc"]].mean()
     n_folds = history.groupby(["repeat", "fold"]).ngroups
     ax_loss.plot(mean.index, mean["train_loss"], color="black", lw=2, label=f"mean of {n_folds} folds")
-    ax_loss.plot([], [], color=COLOURS[CNN_NAME], lw=0.8, alpha=0.5, label="one fold")
+    ax_loss.plot([], [], color=colour(name), lw=0.8, alpha=0.5, label="one fold")
     ax_auc.plot(mean.index, mean["val_auc"], color="black", lw=2, label=f"mean of {n_folds} folds")
-    ax_auc.plot([], [], color=COLOURS[CNN_NAME], lw=0.8, alpha=0.5, label="one fold")
+    ax_auc.plot([], [], color=colour(name), lw=0.8, alpha=0.5, label="one fold")
     if best_epochs:
         ax_auc.plot([], [], "*", color="black", label="epoch kept (best validation AUC)")
     ax_auc.axhline(0.5, ls="--", color="grey", lw=1, label="chance (0.5)")
@@ -390,7 +408,7 @@ def plot_training_curves(history: pd.DataFrame, path: Path, best_epochs: dict | 
     for ax in (ax_loss, ax_auc):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.suptitle("3D CNN training curves, every fold")
+    fig.suptitle(f"{name} training curves, every fold")
     return save_figure(fig, path)
 
 
@@ -467,7 +485,7 @@ def _protocol_section(protocol: str, cnn: dict, folds: pd.DataFrame | None, conf
 
 
 def _results_section(protocol: str, models: list[dict]) -> list[str]:
-    lines = ["## Results: 3D CNN and the reference model, same folds", ""]
+    lines = [f"## Results: {models[0]['name']} and the reference model, same folds", ""]
     names = [m["name"] for m in models]
     if protocol == "site-pair":
         lines += ["Each metric is computed inside each fold (one unseen MCI site + one unseen NC site) and "
@@ -522,7 +540,8 @@ def _per_fold_section(models: list[dict]) -> list[str]:
     lines = ["## Per-fold results", ""]
     cnn = models[0]["metrics"]["per_fold"]
     ref = {(f["repeat"], f["fold"]): f for f in models[1]["metrics"]["per_fold"]} if len(models) > 1 else {}
-    header = ["Repeat/fold", "Test sites", "Test MCI/NC", f"{CNN_NAME} AUC", f"{CNN_NAME} bal. acc.", "Threshold"]
+    name = models[0]["name"]
+    header = ["Repeat/fold", "Test sites", "Test MCI/NC", f"{name} AUC", f"{name} bal. acc.", "Threshold"]
     if any("best_epoch" in f for f in cnn):
         header.append("Epoch kept / run")
     if ref:
@@ -547,8 +566,8 @@ def _per_site_section(models: list[dict], protocol: str) -> list[str]:
              "often each site's scans were called MCI and how often the call was right"
              + (" (over all folds that tested the site)." if protocol == "site-pair" else "."), ""]
     ref = {s["site"]: s for s in models[1]["metrics"]["per_site"]} if len(models) > 1 else {}
-    header = ["Site", "Class", "Scans", "Subjects", f"{CNN_NAME} mean P(MCI)", f"{CNN_NAME} called MCI",
-              f"{CNN_NAME} correct"]
+    name = models[0]["name"]
+    header = ["Site", "Class", "Scans", "Subjects", f"{name} mean P(MCI)", f"{name} called MCI", f"{name} correct"]
     if ref:
         header += [f"{REFERENCE_NAME} called MCI", f"{REFERENCE_NAME} correct"]
     rows = []
@@ -592,7 +611,7 @@ def build_report(run_dir: str | Path, recompute: bool = False, n_boot: int | Non
             label=lambda d: d["label"].astype(int), site=lambda d: d["site"].fillna("").astype(str))
     else:
         datalist = None
-    cnn = _load_model(run_dir, CNN_NAME, recompute, n_boot, datalist)
+    cnn = _load_model(run_dir, run_model_name(run_dir), recompute, n_boot, datalist)
     if cnn is None:
         raise PetmonaiError(f"{run_dir}: no oof_predictions.csv; has training finished? (a report needs the "
                             "out-of-fold predictions of a finished run)")
@@ -614,7 +633,7 @@ def build_report(run_dir: str | Path, recompute: bool = False, n_boot: int | Non
         written["calibration"] = plot_calibration(models, protocol, run_dir / FIGURES["calibration"])
         if not history.empty:
             best = {(f["repeat"], f["fold"]): f["best_epoch"] for f in cnn["metrics"]["per_fold"] if "best_epoch" in f}
-            written["curves"] = plot_training_curves(history, run_dir / FIGURES["curves"], best)
+            written["curves"] = plot_training_curves(history, run_dir / FIGURES["curves"], best, cnn["name"])
 
     lines = [f"# Evaluation report: {run_dir.name}", "",
              f"NC vs MCI from brain FDG-PET, {PROTOCOL_TITLES.get(protocol, protocol)}. "
@@ -623,7 +642,7 @@ def build_report(run_dir: str | Path, recompute: bool = False, n_boot: int | Non
     banners = _banners(protocol, synthetic, cnn)
     for b in banners:
         lines += [b, ""]
-    lines += [f"**Bottom line.** {CNN_NAME}: {cnn['metrics']['headline']['text']}."]
+    lines += [f"**Bottom line.** {cnn['name']}: {cnn['metrics']['headline']['text']}."]
     if reference is not None:
         lines[-1] += f" {REFERENCE_NAME}: {reference['metrics']['headline']['text']}."
     lines.append("")

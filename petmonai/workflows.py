@@ -8,7 +8,9 @@ rank 0 alone touches the run folder and logs at INFO level, the other ranks log 
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -176,15 +178,38 @@ def _resume(args) -> dict | None:
     return finish_training(cfg, datalist, run_dir, device, synthetic, log, resume=True)
 
 
+def run_resources(run_dir: Path, seconds: float, device) -> dict:
+    """What training cost: wall time of the cross-validation (this process), the folds' training
+    time and volumes, peak resident memory (and peak GPU memory on CUDA)."""
+    import resource
+
+    import torch
+
+    timings = [json.loads(p.read_text()) for p in sorted(Path(run_dir).glob("fold_*/timing.json"))]
+    params = [json.loads(p.read_text()).get("parameters") for p in sorted(Path(run_dir).glob("fold_*/fold_result.json"))]
+    train_s = sum(t["train_seconds"] for t in timings)
+    volumes = sum(t["train_volumes"] for t in timings)
+    gpu = torch.cuda.max_memory_allocated(device) / 1024**3 if getattr(device, "type", "") == "cuda" else None
+    return {"cv_wall_seconds": seconds, "train_seconds": train_s, "train_volumes": volumes,
+            "train_volumes_per_s": volumes / train_s if train_s else None, "parameters": params[0] if params else None,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, "peak_gpu_memory_gb": gpu,
+            "note": "train_volumes counts training-set scans x epochs run (augmented views seen); resumed folds "
+                    "count only this process's part in cv_wall_seconds"}
+
+
 def finish_training(cfg, datalist, run_dir, device, synthetic, log, resume: bool = False) -> dict:
     from petmonai.crossval import run_cross_validation
 
+    from petmonai.models import model_label
+
+    t0 = time.perf_counter()
     result = run_cross_validation(cfg, datalist, run_dir, device, resume=resume)
     if not dist.is_main():  # rank 0 reports and writes the rest
         return None
+    atomic_write_json(run_dir / "resources.json", run_resources(run_dir, time.perf_counter() - t0, device))
     m = result["metrics"]
-    log.info("%s CV (%s%s), 3D CNN: %s", m["protocol"], "LEAKY, " if m["leaky"] else "",
-             "synthetic" if synthetic else "real", m["headline"]["text"])
+    log.info("%s CV (%s%s), %s: %s", m["protocol"], "LEAKY, " if m["leaky"] else "",
+             "synthetic" if synthetic else "real", model_label(cfg["model"]), m["headline"]["text"])
     if result.get("reference"):
         log.info("%s CV, PCA + LR reference on the same folds: %s", m["protocol"],
                  result["reference"]["metrics"]["headline"]["text"])

@@ -67,3 +67,16 @@ def test_sigkill_mid_fold_then_resume(uninterrupted, tiny_cohort, fast_config, t
 def test_resume_refuses_a_non_run(tmp_path, capsys):
     assert train3d_main(["--resume", str(tmp_path)]) == 2
     assert "cannot resume" in capsys.readouterr().err
+
+
+def test_finished_folds_drop_their_resumable_checkpoint(tiny_cohort, fast_config, tmp_path):
+    """A finished fold is read back from fold_result.json, so its ~0.4 GB checkpoint.pt goes."""
+    from petmonai.cli import train3d_main
+
+    out = tmp_path / "run"
+    args = ["--data-root", str(tiny_cohort), "--output-dir", str(out), "--device", "cpu"]
+    for o in [*fast_config, "train.max_epochs=1", "report.write=false", "report.reference_model=false"]:
+        args += ["--set", o]
+    assert train3d_main(args) == 0
+    assert (out / "fold_0" / "fold_result.json").is_file() and (out / "fold_0" / "best_model.pt").is_file()
+    assert not list(out.glob("fold_*/checkpoint.pt"))
