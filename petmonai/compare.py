@@ -65,35 +65,45 @@ def run_complete(run_dir: Path) -> bool:
 
 def train_model(key: str, run_dir: Path, data_root: str | None, protocol: str, options: dict,
                 folds_file: Path | None, with_reference: bool) -> Path:
-    """Train one model's cross-validation in a child process (resuming an unfinished run)."""
+    """Train one of :data:`MODELS` (its config, or ``options["configs"][key]``)."""
+    config = options.get("configs", {}).get(key) or default_config_path(MODELS[key][1])
+    overrides = QUICK[key] if options.get("quick") else []
+    return train_run(config, run_dir, data_root, protocol, {**options, "overrides": [*options.get("overrides", []),
+                                                                                     *overrides]},
+                     folds_file, with_reference, label=f"{protocol} / {key}")
+
+
+def train_run(config: str | Path, run_dir: Path, data_root: str | None, protocol: str, options: dict,
+              folds_file: Path | None, with_reference: bool, label: str = "") -> Path:
+    """One cross-validation with ``config`` in a child process (so its peak memory is its own);
+    a finished run folder is reused, an unfinished one resumed."""
+    label = label or f"{protocol} / {Path(config).stem}"
     if run_complete(run_dir):
-        log.info("%s / %s: finished run found in %s, reused", protocol, key, run_dir)
+        log.info("%s: finished run found in %s, reused", label, run_dir)
         return run_dir
-    args = []
     if run_dir.exists() and (run_dir / "config.yaml").is_file():
         args = ["--resume", str(run_dir)]
-        log.info("%s / %s: resuming %s", protocol, key, run_dir)
+        log.info("%s: resuming %s", label, run_dir)
     else:
-        config = options.get("configs", {}).get(key) or default_config_path(MODELS[key][1])
         args = ["--config", str(config), "--output-dir", str(run_dir), "--cv", protocol, "--overwrite"]
         if data_root:
             args += ["--data-root", str(data_root)]
         for flag in ("folds", "repeats", "max_epochs", "device", "seed"):
             if options.get(flag) is not None:
                 args += [f"--{flag.replace('_', '-')}", str(options[flag])]
-        overrides = [*options.get("overrides", []), *(QUICK[key] if options.get("quick") else []),
-                     f"report.reference_model={'true' if with_reference else 'false'}", "train.progress_bar=false"]
+        overrides = [*options.get("overrides", []), f"report.reference_model={'true' if with_reference else 'false'}",
+                     "train.progress_bar=false"]
         if folds_file is not None:
             overrides.append(f"cv.folds_file={folds_file}")
         for o in overrides:
             args += ["--set", o]
-        log.info("%s / %s: training into %s", protocol, key, run_dir)
+        log.info("%s: training into %s", label, run_dir)
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", _TRAIN, *args], check=False)
     if done.returncode != 0 or not run_complete(run_dir):
-        raise PetmonaiError(f"{protocol} / {key}: training failed (exit {done.returncode}); see {run_dir / 'train.log'}"
+        raise PetmonaiError(f"{label}: training failed (exit {done.returncode}); see {run_dir / 'train.log'}"
                             f"; rerun the same command to resume")
-    log.info("%s / %s: done in %.1f min", protocol, key, (time.perf_counter() - t0) / 60)
+    log.info("%s: done in %.1f min", label, (time.perf_counter() - t0) / 60)
     return run_dir
 
 

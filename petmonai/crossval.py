@@ -203,6 +203,30 @@ def summarise(predictions: pd.DataFrame, datalist: pd.DataFrame, protocol: str, 
                        leaky_protocols=LEAKY_PROTOCOLS)
 
 
+def preprocessed_check(cache: VolumeCache, train: pd.DataFrame, run_dir: Path) -> dict:
+    """The audit after preprocessing: does any property of the volumes the network will see (shape,
+    intensity range, background, brain fraction) still separate the classes? Writes
+    ``preprocessed_check.json`` and warns loudly when one does (the audit did the same for the
+    headers before preprocessing)."""
+    from petmonai.harmonise import property_separability, volume_properties
+
+    rows = []
+    for sid in cache.scan_ids:
+        image = cache[sid]["image"]
+        rows.append({"scan_id": sid, "shape": "x".join(map(str, image.shape[1:])), **volume_properties(image)})
+    table = pd.DataFrame(rows)
+    labels = train.set_index("scan_id").loc[table["scan_id"], "label"].to_numpy()
+    props = table.drop(columns=["scan_id"]).assign(shape=lambda t: pd.factorize(t["shape"])[0])
+    result = property_separability(props, labels)
+    result["n_scans"] = len(table)
+    atomic_write_json(run_dir / "preprocessed_check.json", result)
+    for warning in result["warnings"]:
+        log.warning("PREPROCESSED-DATA CHECK: %s", warning)
+    worst = max(result["auc"].items(), key=lambda kv: kv[1])
+    log.info("preprocessed-data check: the most class-separating volume property is '%s' (AUC %.2f)", *worst)
+    return result
+
+
 def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path, device: torch.device,
                          resume: bool = False) -> dict:
     """Preprocess once, make (or reuse) folds, train every fold, write predictions and metrics.
@@ -218,6 +242,9 @@ def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path,
             atomic_write_csv(run_dir / "skipped.csv", pd.DataFrame(cache.skipped))
         log.warning("skipped %d unreadable volume(s), listed in skipped.csv", len(cache.skipped))
         train = train[train["scan_id"].isin(cache.scan_ids)].reset_index(drop=True)
+
+    if dist.is_main() and not resume:
+        preprocessed_check(cache, train, run_dir)
 
     cv = cfg["cv"]
 

@@ -110,13 +110,14 @@ class ViewStrategy:
     :meth:`views`, which returns every view as one batch ``(N, C, ...)`` of network inputs, and
     :meth:`labels`, one short description per view (e.g. ``"flip=0 window=3"``). The ensemble feeds
     the same views to every fold model. ``rng`` is seeded per volume (from its uuid), so random
-    strategies give the same views every time. The 2D slice model plugs in like this::
+    strategies give the same views every time. A new strategy plugs in like this (the 2D slice
+    model's :class:`RandomSlices2D` is a complete example)::
 
-        @register_views("random_slices_2d", "resnet18_2d")       # default views of that model
-        class RandomSlices2D(ViewStrategy):
-            defaults = {"passes": 10}                            # the baseline's 10 random passes
-            def views(self, volume, rng):                        # -> (passes, 50, H, W)
-                return torch.stack([draw_slices_and_crop(volume, rng) for _ in range(self.options["passes"])])
+        @register_views("my_views", "my_model")                  # default views of that model
+        class MyViews(ViewStrategy):
+            defaults = {"passes": 4}
+            def views(self, volume, rng):                        # -> (passes, C, ...)
+                return torch.stack([volume for _ in range(self.options["passes"])])
             def labels(self, volume_shape):
                 return [f"pass={i}" for i in range(self.options["passes"])]
 

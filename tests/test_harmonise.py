@@ -1,0 +1,76 @@
+"""Harmonisation transforms (issue 8) and the after-preprocessing property check."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from petmonai.config import default_config_path, load_config
+from petmonai.harmonise import (FWHM_PER_SIGMA, MaskToBraind, SmoothToResolutiond, property_separability,
+                                smoothing_sigma, volume_properties)
+from petmonai.transforms import build_pipelines
+
+EXPERIMENTS = ["experiments/mask.yaml", "experiments/smooth.yaml", "experiments/smooth_mask.yaml"]
+
+
+def impulse(voxels) -> MetaTensor:
+    img = torch.zeros(1, 41, 41, 41)
+    img[0, 20, 20, 20] = 1.0
+    return MetaTensor(img, affine=torch.diag(torch.tensor([*voxels, 1.0])))
+
+
+def second_moment_sd(profile: torch.Tensor) -> float:
+    x = torch.arange(len(profile), dtype=torch.float64) - len(profile) // 2
+    p = profile.double() / profile.sum()
+    return float(torch.sqrt((p * x**2).sum()))
+
+
+def test_smoothing_sigma():
+    assert smoothing_sigma([2.0], 9.0, 7.0)[0] == pytest.approx(math.sqrt(81 - 49 - 4) / FWHM_PER_SIGMA / 2.0)
+    assert smoothing_sigma([4.0], 6.0, 7.0) == [0.0]  # already coarser than the target: left alone
+
+
+def test_smooth_to_resolution_adds_the_missing_blur_per_axis():
+    voxels = [2.0, 2.5, 3.3]
+    out = SmoothToResolutiond("image", target_fwhm=9.0, native_fwhm=7.0)({"image": impulse(voxels)})["image"][0]
+    expected = smoothing_sigma(voxels, 9.0, 7.0)
+    measured = [second_moment_sd(out.sum(dim=(1, 2))), second_moment_sd(out.sum(dim=(0, 2))),
+                second_moment_sd(out.sum(dim=(0, 1)))]
+    for m, e in zip(measured, expected):  # MONAI's kernel integrates over a voxel: + 1/12 voxel^2 variance
+        assert m == pytest.approx(math.sqrt(e**2 + 1 / 12), rel=0.05)
+    # in mm, finer axes get more blur: every axis ends near the same effective resolution
+    effective = [math.hypot(7.0, v, FWHM_PER_SIGMA * e * v) for e, v in zip(expected, voxels)]
+    assert effective == pytest.approx([9.0] * 3, abs=1e-6)
+    assert measured[0] * voxels[0] > measured[2] * voxels[2]
+
+
+def test_mask_to_brain_zeroes_the_background():
+    img = torch.rand(1, 30, 30, 30) * 0.1  # background noise
+    img[0, 8:22, 8:22, 8:22] = 1.0 + torch.rand(14, 14, 14) * 0.1
+    out = MaskToBraind("image", margin=1)({"image": img})["image"]
+    assert float(out[0, :6].abs().max()) == 0.0 and torch.equal(out[0, 8:22, 8:22, 8:22], img[0, 8:22, 8:22, 8:22])
+    props = volume_properties(out)
+    assert props["background_sd"] < volume_properties(img)["background_sd"]
+
+
+def test_property_separability_flags_a_shortcut():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 20)
+    table = pd.DataFrame({"shortcut": y + rng.normal(0, 0.1, 40), "noise": rng.random(40), "constant": 1.0})
+    result = property_separability(table, y)
+    assert result["auc"]["shortcut"] == 1.0 and result["auc"]["constant"] == 0.5 and result["auc"]["noise"] < 0.8
+    assert len(result["warnings"]) == 1 and "shortcut" in result["warnings"][0]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_configs_preprocess_a_phantom(name, tiny_cohort):
+    cfg = load_config(default_config_path(name), ["spacing=[8.0, 8.0, 8.0]", "spatial_size=[24, 28, 24]"])
+    preprocess, _ = build_pipelines(cfg)
+    path = sorted((tiny_cohort / "Train" / "MCI").iterdir())[0]
+    out = preprocess({"image": str(path), "label": 1})["image"]
+    assert tuple(out.shape) == (1, 24, 28, 24) and torch.isfinite(out).all()
+    if "mask" in name:
+        assert float((out == 0).float().mean()) > 0.2  # the background is gone
