@@ -642,6 +642,16 @@ def audit_markdown(report: dict) -> str:
     else:
         out.append("None: every scan has a subject id.")
     out.append("")
+    after = report.get("after_preprocessing")
+    if after:
+        out += [f"## After preprocessing (`{after['config']}`)", "",
+                "Class separability (ROC AUC folded to >= 0.5; 0.5 = no information) of simple properties of the "
+                "preprocessed volumes the network sees:", ""]
+        out += _md_table(["Property", "AUC"], [[k, f"{v:.2f}"] for k, v in after["auc"].items()])
+        out.append("")
+        out += [f"**WARNING**: {w}" for w in after["warnings"]] or [
+            f"No property separates the classes (every AUC < {after['warn_above']})."]
+        out.append("")
     return "\n".join(out)
 
 

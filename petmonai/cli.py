@@ -93,6 +93,11 @@ def audit_main(argv=None) -> int:
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="where audit.md and audit.json go (default: print only)")
     parser.add_argument("--skip-bad", action="store_true", help="list unreadable files instead of stopping")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="also preprocess the training scans as this config does and check that no property "
+                             "of the preprocessed volumes separates the classes (after harmonisation)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override of --config")
     args = parser.parse_args(argv)
     audit_command(args)
     return 0

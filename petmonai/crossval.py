@@ -213,10 +213,12 @@ def preprocessed_check(cache: VolumeCache, train: pd.DataFrame, run_dir: Path) -
     rows = []
     for sid in cache.scan_ids:
         image = cache[sid]["image"]
-        rows.append({"scan_id": sid, "shape": "x".join(map(str, image.shape[1:])), **volume_properties(image)})
+        rows.append({"scan_id": sid, "shape": "x".join(map(str, image.shape[1:])), "dtype": str(image.dtype),
+                     **volume_properties(image)})
     table = pd.DataFrame(rows)
     labels = train.set_index("scan_id").loc[table["scan_id"], "label"].to_numpy()
-    props = table.drop(columns=["scan_id"]).assign(shape=lambda t: pd.factorize(t["shape"])[0])
+    props = table.drop(columns=["scan_id"]).assign(shape=lambda t: pd.factorize(t["shape"])[0],
+                                                   dtype=lambda t: pd.factorize(t["dtype"])[0])
     result = property_separability(props, labels)
     result["n_scans"] = len(table)
     atomic_write_json(run_dir / "preprocessed_check.json", result)

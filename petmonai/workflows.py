@@ -227,6 +227,23 @@ def finish_training(cfg, datalist, run_dir, device, synthetic, log, resume: bool
     return m
 
 
+def preprocessed_audit(config, datalist: pd.DataFrame, overrides=()) -> dict:
+    """Preprocess the training scans as ``config`` does and check, like the header audit, whether
+    any property of the resulting volumes still separates the classes (after harmonisation, none
+    should): :func:`petmonai.crossval.preprocessed_check` without a run folder."""
+    import tempfile
+
+    from petmonai.crossval import build_cache, preprocessed_check
+    from petmonai.data import train_rows
+    from petmonai.transforms import build_pipelines
+
+    cfg = load_config(config, list(overrides))
+    train = train_rows(datalist)
+    cache = build_cache(cfg, train, build_pipelines(cfg)[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        return {"config": str(config), **preprocessed_check(cache, train, Path(tmp))}
+
+
 def audit_command(args) -> dict:
     log = setup_logging(None)
     skipped: list[dict] = []
@@ -234,9 +251,19 @@ def audit_command(args) -> dict:
     report = audit_datalist(datalist)
     if skipped:
         report["skipped_files"] = skipped
+    if getattr(args, "config", None) is not None:
+        report["after_preprocessing"] = preprocessed_audit(args.config, datalist, args.overrides)
     print(audit_text(report))
     for item in skipped:
         print(f"skipped: {item['image']}: {item['problem']}")
+    after = report.get("after_preprocessing")
+    if after:
+        print(f"After preprocessing with {args.config}: class separability (AUC, 0.5 = none) of the volumes' "
+              "properties: " + ", ".join(f"{k} {v:.2f}" for k, v in after["auc"].items()))
+        for warning in after["warnings"]:
+            print(f"WARNING: {warning}")
+        if not after["warnings"]:
+            print(f"No volume property separates the classes after preprocessing (every AUC < {after['warn_above']}).")
     if args.output_dir is not None:
         paths = write_audit(report, args.output_dir)
         log.info("wrote %s", ", ".join(str(p) for p in paths.values()))

@@ -74,3 +74,20 @@ def test_experiment_configs_preprocess_a_phantom(name, tiny_cohort):
     assert tuple(out.shape) == (1, 24, 28, 24) and torch.isfinite(out).all()
     if "mask" in name:
         assert float((out == 0).float().mean()) > 0.2  # the background is gone
+
+
+def test_audit_checks_the_preprocessed_volumes(tiny_cohort, tmp_path, capsys):
+    """scripts/audit.py --config: the header audit, then the same question after preprocessing."""
+    import json
+
+    from petmonai.cli import audit_main
+
+    assert audit_main(["--data-root", str(tiny_cohort), "--output-dir", str(tmp_path),
+                       "--config", str(default_config_path("experiments/smooth_mask.yaml")),
+                       "--set", "spacing=[8.0, 8.0, 8.0]", "--set", "spatial_size=[24, 28, 24]"]) == 0
+    printed = capsys.readouterr().out
+    assert "After preprocessing with" in printed
+    after = json.loads((tmp_path / "audit.json").read_text())["after_preprocessing"]
+    assert after["auc"]["shape"] == 0.5 and after["auc"]["dtype"] == 0.5  # one grid, one data type for all
+    assert {"texture", "p99", "background_sd"} <= set(after["auc"]) and after["n_scans"] == 12
+    assert "## After preprocessing" in (tmp_path / "audit.md").read_text()
