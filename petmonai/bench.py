@@ -164,7 +164,8 @@ def benchmark_training(cfg: dict, datalist, device: torch.device, epochs: int = 
     tcfg = cfg["train"]
     bs = int(tcfg["batch_size"])
     torch.manual_seed(0)
-    loader = make_loader(cache.subset(ids, augment), bs, True, int(tcfg.get("num_workers", 0)), device)
+    loader = make_loader(cache.subset(ids, augment), bs, True, int(tcfg.get("num_workers", 0)), device,
+                         prefetch=bool(tcfg.get("prefetch_thread", True)))  # as training builds it
 
     # 1. full epochs through the real loader: throughput and data-wait fraction
     net = build_model(cfg["model"], cfg).to(device)

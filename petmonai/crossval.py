@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from monai.data import DataLoader, Dataset, DistributedSampler
+from monai.data import DataLoader, Dataset, DistributedSampler, ThreadDataLoader
 from monai.utils import set_determinism
 
 from petmonai import distributed as dist
@@ -58,24 +58,29 @@ def build_cache(cfg: dict, datalist: pd.DataFrame, preprocess) -> VolumeCache:
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, device: torch.device, seed: int = 0,
-                distributed: bool = False, pin_memory: bool | None = None):
+                distributed: bool = False, pin_memory: bool | None = None, prefetch: bool = False):
     """A loader; with ``distributed`` and several processes, this rank's part of ``dataset``:
     training (``shuffle``) through :class:`petmonai.distributed.DistributedBatchSampler` (every
-    item once per epoch across ranks), evaluation split without padding duplicates."""
+    item once per epoch across ranks), evaluation split without padding duplicates.
+
+    ``prefetch`` (with ``num_workers=0``): MONAI's ``ThreadDataLoader``, which builds the next batch
+    (the random augmentation of cached volumes) in a background thread while the network trains on
+    the current one; same items, same order, same random draws as the plain loader."""
     pin = device.type == "cuda" if pin_memory is None else pin_memory
     world = dist.world_size() if distributed else 1
+    loader_class = ThreadDataLoader if prefetch and num_workers == 0 else DataLoader
     if world > 1 and shuffle:
         sampler = dist.DistributedBatchSampler(len(dataset), batch_size, world, dist.rank(), seed)
         # the generator only seeds the loader's workers (their random transforms): different per rank
         workers_seed = torch.Generator().manual_seed(seed + dist.RANK_SEED_STRIDE * dist.rank())
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin,
-                          generator=workers_seed, persistent_workers=num_workers > 0)
+        return loader_class(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin,
+                            generator=workers_seed, persistent_workers=num_workers > 0)
     sampler = None
     if world > 1 and len(dataset) >= world:  # (fewer items than ranks: every rank takes them all,
         # which leaves a gathered ROC AUC unchanged: each positive-negative pair counted world^2 times)
         sampler = DistributedSampler(dataset, shuffle=False, even_divisible=False)
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
+    return loader_class(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin, generator=generator if shuffle else None,
                       persistent_workers=num_workers > 0,
                       drop_last=shuffle and len(dataset) % batch_size == 1)  # batch norm needs 2+ samples
@@ -139,7 +144,8 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
     on_device = bool(tcfg.get("augment_on_device", False))
     train_set = training_dataset(cache, ids["train"], augment, device, on_device)
     train_loader = make_loader(train_set, bs, True, 0 if on_device else workers, device, seed, distributed=True,
-                               pin_memory=False if on_device else None)
+                               pin_memory=False if on_device else None,
+                               prefetch=bool(tcfg.get("prefetch_thread", True)))
     evaluate = build_evaluation(cfg)  # 2D: evenly spaced slices + centre crop; 3D: None (the cached volume)
     val_loader = (make_loader(cache.subset(ids["val"], evaluate), bs, False, 0, device, distributed=True)
                   if ids["val"] else None)
