@@ -91,3 +91,28 @@ def test_audit_checks_the_preprocessed_volumes(tiny_cohort, tmp_path, capsys):
     assert after["auc"]["shape"] == 0.5 and after["auc"]["dtype"] == 0.5  # one grid, one data type for all
     assert {"texture", "p99", "background_sd"} <= set(after["auc"]) and after["n_scans"] == 12
     assert "## After preprocessing" in (tmp_path / "audit.md").read_text()
+
+
+@pytest.mark.slow
+def test_experiment_table_reads_the_runs(tiny_cohort, tmp_path):
+    """scripts/experiments.py: one row per configuration and model, numbers from the run folders."""
+    import json
+
+    from petmonai.experiments import run_experiments
+
+    configs = [default_config_path("train3d.yaml"), default_config_path("experiments/mask.yaml")]
+    small = ["spacing=[8.0, 8.0, 8.0]", "spatial_size=[24, 28, 24]", "crop_size=[20, 24, 20]", "cv.folds=2"]
+    rows = run_experiments(configs, str(tiny_cohort), tmp_path, protocols=["subject"],
+                           options={"max_epochs": 1, "device": "cpu", "overrides": small})
+    assert [r["configuration"] for r in rows] == ["train3d", "mask"]
+    for row in rows:
+        run = tmp_path / "subject" / row["configuration"]
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert row["results"]["subject"]["pooled"] == metrics["pooled_ci"]["roc_auc"]["value"]
+        ref_cfg = (run / "config.yaml").read_text()
+        assert "preprocessing: package" in ref_cfg  # the reference sees the same (harmonised) inputs
+        assert row["reference"]["subject"]["pooled"] is not None
+    folds = [(tmp_path / "subject" / n / "folds.csv").read_text() for n in ("train3d", "mask")]
+    assert folds[0] == folds[1]  # same folds for every configuration
+    table = (tmp_path / "experiments.md").read_text()
+    assert table.count("| `") == 4 and "PCA + LR reference (same inputs)" in table
