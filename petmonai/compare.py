@@ -44,7 +44,8 @@ QUICK = {  # --quick: fewer epochs, smaller inputs (see README); overrides per m
 }
 QUICK_EPOCHS = 8
 
-_TRAIN = "import sys; from petmonai.cli import train3d_main; sys.exit(train3d_main(sys.argv[1:]))"
+_TRAIN = ("import sys; sys.argv[0] = 'scripts/train3d.py'; from petmonai.cli import train3d_main; "
+          "sys.exit(train3d_main(sys.argv[1:]))")  # provenance records the train3d.py command
 
 
 def parse_models(spec) -> list[str]:
