@@ -13,7 +13,8 @@ from petmonai.harmonise import (FWHM_PER_SIGMA, MaskToBraind, SmoothToResolution
                                 smoothing_sigma, volume_properties)
 from petmonai.transforms import build_pipelines
 
-EXPERIMENTS = ["experiments/mask.yaml", "experiments/smooth.yaml", "experiments/smooth_mask.yaml"]
+EXPERIMENTS = ["experiments/mask.yaml", "experiments/smooth.yaml", "experiments/smooth_mask.yaml",
+               "experiments/smooth_mask_invariance.yaml"]
 
 
 def impulse(voxels) -> MetaTensor:
