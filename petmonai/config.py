@@ -57,7 +57,7 @@ SCHEMA: dict[str, Any] = {
         "early_stop_patience": int,
         "amp": bool,
         "num_workers": int,
-        "prefetch_thread": bool,        # num_workers 0: augment the next batch in a background thread
+        "prefetch_thread": (bool, str),  # auto | true | false: num_workers 0, augment in a background thread
         "device": str,
         "threshold": (_NUM, str),
         "progress_bar": bool,

@@ -32,6 +32,7 @@ from petmonai.engine import (BEST_CHECKPOINT, TrainingState, build_engines, conf
                              memory_format, predict_probabilities)
 from petmonai.metrics import evaluate_cv, scored_predictions
 from petmonai.models import build_model, count_parameters, model_label, spatial_dims
+from petmonai.errors import ConfigError
 from petmonai.runs import atomic_write_csv, atomic_write_json, get_logger
 from petmonai.splits import LEAKY_PROTOCOLS, fold_ids, fold_members, load_folds, make_folds
 from petmonai.transforms import build_evaluation, build_pipelines
@@ -74,7 +75,7 @@ def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, devic
         # the generator only seeds the loader's workers (their random transforms): different per rank
         workers_seed = torch.Generator().manual_seed(seed + dist.RANK_SEED_STRIDE * dist.rank())
         return loader_class(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin,
-                            generator=workers_seed, persistent_workers=num_workers > 0)
+                            generator=workers_seed, persistent_workers=False)
     sampler = None
     if world > 1 and len(dataset) >= world:  # (fewer items than ranks: every rank takes them all,
         # which leaves a gathered ROC AUC unchanged: each positive-negative pair counted world^2 times)
@@ -82,8 +83,19 @@ def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, devic
     generator = torch.Generator().manual_seed(seed)
     return loader_class(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin, generator=generator if shuffle else None,
-                      persistent_workers=num_workers > 0,
+                      persistent_workers=False,  # new workers each epoch, seeded from the loader generator: exact resume
                       drop_last=shuffle and len(dataset) % batch_size == 1)  # batch norm needs 2+ samples
+
+
+def prefetch_thread(train_cfg: dict, device: torch.device) -> bool:
+    """``train.prefetch_thread``: auto = on CUDA only (where the main thread mostly waits for the GPU;
+    on a small CPU the thread's augmentation competes with the training step for the cores)."""
+    value = train_cfg.get("prefetch_thread", "auto")
+    if value == "auto":
+        return device.type == "cuda"
+    if not isinstance(value, bool):
+        raise ConfigError(f"config key 'train.prefetch_thread': auto, true or false, got {value!r}")
+    return value
 
 
 class _DeviceView(Sequence):
@@ -145,7 +157,7 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
     train_set = training_dataset(cache, ids["train"], augment, device, on_device)
     train_loader = make_loader(train_set, bs, True, 0 if on_device else workers, device, seed, distributed=True,
                                pin_memory=False if on_device else None,
-                               prefetch=bool(tcfg.get("prefetch_thread", True)))
+                               prefetch=prefetch_thread(tcfg, device))
     evaluate = build_evaluation(cfg)  # 2D: evenly spaced slices + centre crop; 3D: None (the cached volume)
     val_loader = (make_loader(cache.subset(ids["val"], evaluate), bs, False, 0, device, distributed=True)
                   if ids["val"] else None)
