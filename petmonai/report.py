@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -199,18 +197,14 @@ def _new_figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
 
 
 def save_figure(fig, path: str | Path) -> Path:
-    """PNG written to a temporary file in the same folder, then moved into place (atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """PNG rendered in memory, then written atomically (temporary file, rename) with the usual permissions."""
+    import io
+
+    from petmonai.runs import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def _roc_curve(y, p):
