@@ -29,11 +29,10 @@ from monai.utils import set_determinism
 from petmonai import distributed as dist
 from petmonai.data import to_items, train_rows
 from petmonai.datasets import VolumeCache
-from petmonai.engine import (BEST_CHECKPOINT, TrainingState, build_engines, configure_backends, load_weights,
-                             memory_format, predict_probabilities)
+from petmonai.engine import (BEST_CHECKPOINT, TrainingState, build_engines, configure_backends, cuda_auto_switch,
+                             load_weights, memory_format, predict_probabilities)
 from petmonai.metrics import evaluate_cv, scored_predictions
 from petmonai.models import build_model, count_parameters, model_label, spatial_dims
-from petmonai.errors import ConfigError
 from petmonai.runs import atomic_write_csv, atomic_write_json, get_logger
 from petmonai.splits import LEAKY_PROTOCOLS, fold_ids, fold_members, load_folds, make_folds
 from petmonai.transforms import build_evaluation, build_pipelines
@@ -91,12 +90,7 @@ def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, devic
 def prefetch_thread(train_cfg: dict, device: torch.device) -> bool:
     """``train.prefetch_thread``: auto = on CUDA only (where the main thread mostly waits for the GPU;
     on a small CPU the thread's augmentation competes with the training step for the cores)."""
-    value = train_cfg.get("prefetch_thread", "auto")
-    if value == "auto":
-        return device.type == "cuda"
-    if not isinstance(value, bool):
-        raise ConfigError(f"config key 'train.prefetch_thread': auto, true or false, got {value!r}")
-    return value
+    return cuda_auto_switch(train_cfg, "prefetch_thread", device)
 
 
 class _DeviceView(Sequence):

@@ -66,14 +66,19 @@ def amp_settings(device: torch.device, enabled: bool = True) -> tuple[bool, dict
     return True, {"dtype": dtype}
 
 
-def channels_last(device: torch.device, train_cfg: dict) -> bool:
-    """Whether model and inputs use ``torch.channels_last_3d``: ``auto`` on CUDA only, or true/false."""
-    value = train_cfg.get("channels_last", "auto")
+def cuda_auto_switch(train_cfg: dict, key: str, device: torch.device) -> bool:
+    """A ``train`` switch that is ``auto`` (on CUDA only), ``true`` or ``false``."""
+    value = train_cfg.get(key, "auto")
     if value == "auto":
         return device.type == "cuda"
     if not isinstance(value, bool):
-        raise PetmonaiError(f"config key 'train.channels_last': auto, true or false, got {value!r}")
+        raise PetmonaiError(f"config key 'train.{key}': auto, true or false, got {value!r}")
     return value
+
+
+def channels_last(device: torch.device, train_cfg: dict) -> bool:
+    """Whether model and inputs use ``torch.channels_last_3d``: ``auto`` on CUDA only, or true/false."""
+    return cuda_auto_switch(train_cfg, "channels_last", device)
 
 
 def memory_format(device: torch.device, train_cfg: dict, dims: int = 3) -> torch.memory_format:

@@ -165,3 +165,13 @@ def test_cpu_allocator_option():
     configure_backends(CPU, {"cpu_allocator": "default"})
     with pytest.raises(ConfigError, match="cpu_allocator"):
         configure_backends(CPU, {"cpu_allocator": "fast"})
+
+
+def test_prefetch_thread_switch():
+    from petmonai.crossval import prefetch_thread
+    from petmonai.errors import PetmonaiError
+
+    assert prefetch_thread({}, CPU) is False and prefetch_thread({}, torch.device("cuda")) is True
+    assert prefetch_thread({"prefetch_thread": True}, CPU) is True
+    with pytest.raises(PetmonaiError, match="prefetch_thread"):
+        prefetch_thread({"prefetch_thread": "sometimes"}, CPU)
