@@ -24,6 +24,7 @@ import pandas as pd
 from petmonai.config import default_config_path
 from petmonai.errors import PetmonaiError
 from petmonai.metrics import paired_auc_difference
+from petmonai.report import _ci
 from petmonai.runs import atomic_write_json, atomic_write_text, get_logger
 
 log = get_logger("compare")
@@ -117,7 +118,7 @@ def _metric_block(metrics: dict) -> dict:
     return out
 
 
-def model_entry(name: str, folder: Path, run_dir: Path) -> dict:
+def model_entry(name: str, folder: Path) -> dict:
     metrics = json.loads((folder / "metrics.json").read_text())
     oof = pd.read_csv(folder / "oof_predictions.csv", dtype={"scan_id": str})
     entry = {"name": name, "folder": str(folder), **_metric_block(metrics),
@@ -162,9 +163,9 @@ def compare(data_root: str | None, out_dir: str | Path, protocols=("subject",), 
             with_reference = REFERENCE in models and i == 0
             train_model(key, run_dir, data_root, protocol, options, folds_file, with_reference)
             folds_file = folds_file or (run_dir / "folds.csv").resolve()
-            entries.append(model_entry(MODELS[key][0], run_dir, run_dir))
+            entries.append(model_entry(MODELS[key][0], run_dir))
             if with_reference:
-                entries.append(model_entry("PCA + LR reference", run_dir / "reference", run_dir))
+                entries.append(model_entry("PCA + LR reference", run_dir / "reference"))
         by_name = {e["name"]: e for e in entries}
         diffs = []
         if "3D CNN" in by_name:
@@ -181,14 +182,6 @@ def compare(data_root: str | None, out_dir: str | Path, protocols=("subject",), 
     atomic_write_json(out_dir / "comparison.json", summary)
     atomic_write_text(out_dir / "comparison.md", comparison_markdown(summary, options, figure.name))
     return summary
-
-
-def _ci(entry: dict, digits: int = 2) -> str:
-    if entry is None or entry.get("value") is None or not np.isfinite(entry["value"]):
-        return "n/a"
-    lo, hi = entry.get("ci_low"), entry.get("ci_high")
-    ci = f" ({lo:.{digits}f} to {hi:.{digits}f})" if lo is not None and np.isfinite(lo) else ""
-    return f"{entry['value']:.{digits}f}{ci}"
 
 
 def _num(x, fmt: str, unit: str = "") -> str:

@@ -26,7 +26,7 @@ from monai.config import KeysCollection
 from monai.transforms import GaussianSmooth, MapTransform, Transform
 
 from petmonai.errors import DataError
-from petmonai.transforms import brain_mask, source_file
+from petmonai.transforms import brain_mask, largest_component, source_file
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.3548
 
@@ -115,12 +115,7 @@ class MaskToBrain(Transform):
         mask = brain_mask(img, self.fraction).cpu().numpy()[0]
         if not mask.any():
             raise DataError(source_file(img), "no brain voxels found for the brain mask")
-        labels, n = ndimage.label(mask)
-        if n > 1:
-            sizes = np.bincount(labels.ravel())
-            sizes[0] = 0
-            mask = labels == sizes.argmax()
-        mask = ndimage.binary_fill_holes(mask)
+        mask = ndimage.binary_fill_holes(largest_component(mask))
         if self.margin > 0:
             mask = ndimage.binary_dilation(mask, iterations=self.margin)
         keep = torch.as_tensor(mask, device=img.device)[None]
@@ -144,12 +139,11 @@ class MaskToBraind(MapTransform):
 
 def volume_properties(volume: torch.Tensor) -> dict:
     """Simple properties of one preprocessed volume that a scanner could leave its mark on."""
-    v = torch.as_tensor(volume).float().flatten()
-    inside = brain_mask(torch.as_tensor(volume)).flatten()
+    vol = torch.as_tensor(volume).float()[0]
+    core = brain_mask(torch.as_tensor(volume))[0]  # one mask for every property below
+    v, inside = vol.flatten(), core.flatten()
     outside = v[~inside]
     q = torch.quantile(v[:: max(1, v.numel() // 200_000)], torch.tensor([0.01, 0.99]))
-    vol = torch.as_tensor(volume).float()[0]
-    core = brain_mask(torch.as_tensor(volume))[0]
     # high-frequency energy inside the brain: resolution and noise texture, a scanner fingerprint
     lap = (6 * vol[1:-1, 1:-1, 1:-1] - vol[:-2, 1:-1, 1:-1] - vol[2:, 1:-1, 1:-1] - vol[1:-1, :-2, 1:-1]
            - vol[1:-1, 2:, 1:-1] - vol[1:-1, 1:-1, :-2] - vol[1:-1, 1:-1, 2:])

@@ -125,14 +125,19 @@ class AboveThreshold:
         mask = torch.as_tensor(img) > self.threshold
         if not self.largest_component or not bool(mask.any()):
             return mask
-        from scipy import ndimage
+        return torch.from_numpy(largest_component(mask.cpu().numpy()))
 
-        labels, n = ndimage.label(mask.cpu().numpy())
-        if n <= 1:
-            return mask
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        return torch.from_numpy(labels == sizes.argmax())
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected blob of a boolean mask (the mask itself if it has one blob or none)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == sizes.argmax()
 
 
 def slice_indices(depth: int, num_slices: int, mode: str = "even", rng: np.random.RandomState | None = None,
@@ -259,6 +264,6 @@ def build_evaluation(cfg: dict) -> Compose | None:
 
 __all__ = [
     "CheckVolume", "CheckVolumed", "ScaleIntensityToBrainMean", "ScaleIntensityToBrainMeand",
-    "AboveThreshold", "brain_mask", "build_pipelines", "build_evaluation", "AxialSlices", "AxialSlicesd",
+    "AboveThreshold", "brain_mask", "largest_component", "build_pipelines", "build_evaluation", "AxialSlices", "AxialSlicesd",
     "RandAxialSlices", "RandAxialSlicesd", "slice_indices", "take_axial_slices",
 ]
