@@ -82,6 +82,8 @@ SCHEMA: dict[str, Any] = {
         "standardize": bool,
         "n_components": (int, float),
         "C": _NUM,
+        "features": str,
+        "regions": int,
     },
     "preprocess": list,
     "augment": list,

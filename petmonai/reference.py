@@ -54,8 +54,11 @@ REFERENCE_DEFAULTS: dict = {
     "standardize": True,           # z-score every voxel over the training scans before PCA
     "n_components": 20,            # PCA components (an int), or a variance fraction in (0, 1)
     "C": 1.0,                      # inverse L2 strength of the logistic regression
+    "features": "voxels",          # voxels | regions: mean uptake in template grey-matter parcels
+    "regions": 64,                 # parcels for 'regions' (left/right pairs; needs a registered config)
 }
 PREPROCESSING = ("resample", "package")
+FEATURES = ("voxels", "regions")
 MODEL_NAME = "PCA + logistic regression (reference)"
 
 
@@ -69,6 +72,11 @@ def reference_settings(cfg: dict | None = None, **overrides) -> dict:
     if settings["preprocessing"] not in PREPROCESSING:
         raise ConfigError(f"config key 'reference.preprocessing': {settings['preprocessing']!r} "
                           f"(choose from {', '.join(PREPROCESSING)})")
+    if settings["features"] not in FEATURES:
+        raise ConfigError(f"config key 'reference.features': {settings['features']!r} (choose from {', '.join(FEATURES)})")
+    if settings["features"] == "regions" and settings["preprocessing"] != "package":
+        raise ConfigError("config key 'reference.features': regions are read on the template grid, so they need "
+                          "reference.preprocessing=package and a config that registers (petmonai.spatial.RegisterToTemplated)")
     k = settings["n_components"]
     if not ((isinstance(k, int) and k >= 1) or (isinstance(k, float) and 0 < k < 1)):
         raise ConfigError(f"config key 'reference.n_components': {k!r} (an integer >= 1 or a fraction in (0, 1))")
@@ -116,9 +124,24 @@ def reference_features(cfg: dict, datalist: pd.DataFrame, settings: dict | None 
                         skip_bad=bool(cfg.get("data", {}).get("skip_bad", False)))
     ids = cache.scan_ids
     X = np.stack([np.asarray(cache[s]["image"], dtype=np.float32).ravel() for s in ids])
-    log.info("reference features: %d scans x %d voxels (%s preprocessing) in %.1fs", X.shape[0], X.shape[1],
-             settings["preprocessing"], time.perf_counter() - t0)
+    if settings["features"] == "regions":
+        X = _region_features(preprocess, X, np.asarray(cache[ids[0]]["image"]).shape[1:], int(settings["regions"]))
+    log.info("reference features: %d scans x %d %s (%s preprocessing) in %.1fs", X.shape[0], X.shape[1],
+             settings["features"], settings["preprocessing"], time.perf_counter() - t0)
     return pd.DataFrame(X, index=pd.Index(ids, name="scan_id"))
+
+
+def _region_features(preprocess, X: np.ndarray, grid, n_regions: int) -> np.ndarray:
+    """Mean of each template grey-matter parcel, per scan (rows of ``X`` are flattened volumes)."""
+    from petmonai.spatial import RegisterToTemplated, parcel_means, template_parcels
+
+    register = next((t for t in getattr(preprocess, "transforms", []) if isinstance(t, RegisterToTemplated)), None)
+    if register is None:
+        raise ConfigError("config key 'reference.features': regions need a config whose preprocess registers the "
+                          "scans to the template (petmonai.spatial.RegisterToTemplated), e.g. "
+                          "configs/experiments/register_suvr.yaml")
+    labels = template_parcels(n_regions, register.register.voxel, register.register.fwhm, grid=grid)
+    return np.stack([parcel_means(row, labels) for row in X]).astype(np.float32)
 
 
 def build_reference_model(settings: dict | None = None, n_samples: int | None = None):

@@ -684,11 +684,14 @@ def build_report(run_dir: str | Path, recompute: bool = False, n_boot: int | Non
     return path
 
 
-def add_reference(run_dir: str | Path, data_root: str | Path | None = None) -> Path:
-    """Run the reference model on a finished run's own folds and write ``reference/`` (then rebuild the report).
+def add_reference(run_dir: str | Path, data_root: str | Path | None = None, overrides: list[str] | None = None,
+                  name: str = "reference") -> Path:
+    """Run the reference model on a finished run's own folds and write ``<run>/<name>/`` (``reference/``
+    is the one the report shows).
 
     The run's ``config.yaml``, ``datalist.csv`` and ``folds.csv`` are used; the image paths in the
-    datalist must still exist (or give ``data_root`` to rediscover them)."""
+    datalist must still exist (or give ``data_root`` to rediscover them). ``overrides``: config
+    assignments for this fit, e.g. ``["reference.features=regions"]`` (region-level features)."""
     from petmonai.config import load_config
     from petmonai.data import discover, train_rows
     from petmonai.reference import run_reference_cv
@@ -698,7 +701,7 @@ def add_reference(run_dir: str | Path, data_root: str | Path | None = None) -> P
     for name in ("config.yaml", "folds.csv"):
         if not (run_dir / name).is_file():
             raise PetmonaiError(f"{run_dir}: no {name}; the reference model needs the run's config and folds")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", overrides)
     if data_root is not None:
         datalist = train_rows(discover(data_root))
     else:
@@ -715,5 +718,5 @@ def add_reference(run_dir: str | Path, data_root: str | Path | None = None) -> P
     folds = load_folds(run_dir / "folds.csv", datalist)
     metrics = _read_json(run_dir / "metrics.json") or {}
     protocol = metrics.get("protocol") or folds.attrs.get("protocol") or cfg["cv"]["protocol"]
-    run_reference_cv(cfg, datalist, folds, run_dir / "reference", protocol=protocol)
-    return run_dir / "reference"
+    run_reference_cv(cfg, datalist, folds, run_dir / name, protocol=protocol)
+    return run_dir / name

@@ -4,6 +4,8 @@
     python scripts/report.py runs/train3d-20240101-120000
     python scripts/report.py RUN_DIR --reference        # also run the PCA + LR reference on the run's folds
     python scripts/report.py RUN_DIR --recompute --bootstrap 5000
+    python scripts/report.py RUN_DIR --reference --reference-set reference.features=regions \
+        --reference-name reference_regions     # a variant of the reference beside the report's own
 """
 
 import argparse
@@ -25,6 +27,12 @@ def main(argv=None) -> int:
                              "(when reference/ is missing or should be redone; needs the image files)")
     parser.add_argument("--data-root", default=None,
                         help="with --reference: where the images are now, if they moved since training")
+    parser.add_argument("--reference-set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="with --reference: config override for the reference fit (repeatable), "
+                             "e.g. reference.features=regions")
+    parser.add_argument("--reference-name", default="reference",
+                        help="with --reference: sub-folder for its outputs (default reference/, the one "
+                             "report.md shows)")
     parser.add_argument("--recompute", action="store_true",
                         help="recompute metrics and CIs from the prediction files instead of metrics.json")
     parser.add_argument("--bootstrap", type=int, default=None, help="bootstrap replicates with --recompute")
@@ -36,7 +44,7 @@ def main(argv=None) -> int:
 
     setup_logging(None)
     if args.reference:
-        add_reference(args.run_dir, args.data_root)
+        add_reference(args.run_dir, args.data_root, args.reference_set, args.reference_name)
     path = build_report(args.run_dir, recompute=args.recompute or args.bootstrap is not None,
                         n_boot=args.bootstrap, figures=not args.no_figures)
     print(path)

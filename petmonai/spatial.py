@@ -1,0 +1,436 @@
+"""Spatial normalisation: every scan registered to one brain template, then intensities as SUVR.
+
+On the shared data head position, field of view and voxel grid differ by site, and every training
+site holds one class. Registering each scan to a common template (affine, SimpleITK) puts every
+brain on the same grid in the same place; a reference-region normalisation (SUVR: divide by the
+mean uptake of the pons or cerebellum, regions spared in MCI/AD) then replaces scanner-specific
+count scales. Both are MONAI dictionary transforms for the ``preprocess`` list of a config::
+
+    - _target_: petmonai.spatial.RegisterToTemplated   # after Orientationd (and SmoothToResolutiond)
+      keys: image
+      voxel: 4.0
+    - _target_: petmonai.spatial.ReferenceRegionNormalised
+      keys: image
+      region: pons
+    - _target_: petmonai.spatial.MaskToTemplateBraind
+
+The template is data-free (no leakage between folds): the MNI152 2009a grey- and white-matter
+probability maps that ship inside nilearn, mixed 1 : 0.25 (FDG uptake of grey vs white matter)
+and smoothed to PET resolution. Registrations are cached on disk by content (see
+:class:`RegisterToTemplate`), so each scan is registered once, whatever fold or run needs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Transform
+
+from petmonai.errors import DataError
+from petmonai.transforms import source_file
+
+# MNI mm ranges of the template grid: the whole brain and cerebellum with a margin
+TEMPLATE_BOX_MM = ((-96.0, 96.0), (-130.0, 94.0), (-78.0, 114.0))
+# Reference regions as MNI boxes, intersected with grey matter (cerebellum) or the brain (pons).
+# Boxes, not an atlas: no atlas ships in a PyPI package, and at 4 mm a box inside the structure is
+# what an atlas label would give after PET smoothing.
+REGION_BOXES_MM = {
+    "cerebellum": ((-40.0, 40.0), (-88.0, -48.0), (-58.0, -28.0)),
+    "pons": ((-10.0, 10.0), (-36.0, -16.0), (-42.0, -24.0)),
+}
+WHITE_MATTER_UPTAKE = 0.25  # FDG: white matter takes up about a quarter of grey matter's glucose
+FWHM_PER_SIGMA = 2.3548200450309493
+_TEMPLATE_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Template:
+    """A brain template on a regular RAS grid: ``image`` (X, Y, Z), ``affine`` voxel -> MNI mm."""
+
+    image: np.ndarray
+    affine: np.ndarray
+    grey: np.ndarray
+    white: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.image.shape)
+
+    def brain(self, margin: int = 0) -> np.ndarray:
+        """Voxels more likely brain tissue than not, grown by ``margin`` voxels."""
+        mask = (self.grey + self.white) > 0.5
+        if margin > 0:
+            from scipy import ndimage
+
+            mask = ndimage.binary_dilation(mask, iterations=margin)
+        return mask
+
+    def region(self, name: str) -> np.ndarray:
+        """Boolean mask of a named region: ``brain``, ``cerebellum`` or ``pons``."""
+        if name == "brain":
+            return self.brain()
+        if name not in REGION_BOXES_MM:
+            raise ValueError(f"unknown region {name!r}: choose brain, {', '.join(REGION_BOXES_MM)}")
+        ijk = np.indices(self.shape).reshape(3, -1)
+        xyz = (self.affine[:3, :3] @ ijk + self.affine[:3, 3:4]).reshape(3, *self.shape)
+        box = np.ones(self.shape, bool)
+        for axis, (lo, hi) in enumerate(REGION_BOXES_MM[name]):
+            box &= (xyz[axis] >= lo) & (xyz[axis] <= hi)
+        tissue = self.grey > 0.5 if name == "cerebellum" else self.brain()
+        return box & tissue
+
+
+@lru_cache(maxsize=8)
+def _mni_template(voxel: float, fwhm: float) -> Template:
+    from nilearn.datasets import load_mni152_gm_template, load_mni152_wm_template
+    from scipy import ndimage
+
+    maps = []
+    for loader in (load_mni152_gm_template, load_mni152_wm_template):
+        img = loader(resolution=1)
+        maps.append((np.asarray(img.dataobj, dtype=np.float32) / 255.0 if img.get_data_dtype() == np.uint8
+                     else np.asarray(img.dataobj, dtype=np.float32), img.affine))
+    src_affine = maps[0][1]
+    shape = [int(round((hi - lo) / voxel)) for lo, hi in TEMPLATE_BOX_MM]
+    affine = np.diag([voxel, voxel, voxel, 1.0])
+    affine[:3, 3] = [lo + voxel / 2 for lo, _ in TEMPLATE_BOX_MM]
+    # template voxel -> source (1 mm) voxel, then sample the smoothed maps there
+    to_src = np.linalg.inv(src_affine) @ affine
+    coords = (to_src[:3, :3] @ np.indices(shape).reshape(3, -1) + to_src[:3, 3:4])
+    sampled = []
+    for data, _ in maps:
+        data = data / max(float(data.max()), 1e-6)
+        sampled.append(ndimage.map_coordinates(data, coords, order=1, mode="constant").reshape(shape))
+    grey, white = sampled
+    sigma_mm = fwhm / FWHM_PER_SIGMA
+    pet = grey + WHITE_MATTER_UPTAKE * white
+    pet = ndimage.gaussian_filter(pet, sigma=sigma_mm / voxel)
+    brain = (grey + white) > 0.5
+    pet = pet / pet[brain].mean()
+    return Template(pet.astype(np.float32), affine, grey.astype(np.float32), white.astype(np.float32))
+
+
+def mni_fdg_template(voxel: float = 4.0, fwhm: float = 8.0) -> Template:
+    """An FDG-PET-like MNI152 template on a ``voxel`` mm grid (48 x 56 x 48 at 4 mm), smoothed to
+    ``fwhm`` mm. Built from nilearn's packaged maps (no download); cached per process.
+
+    >>> t = mni_fdg_template(4.0)  # doctest: +SKIP
+    >>> t.shape, t.region("pons").sum() > 0  # doctest: +SKIP
+    ((48, 56, 48), True)
+    """
+    if voxel <= 0 or fwhm < 0:
+        raise ValueError("template voxel must be positive and fwhm not negative")
+    with _TEMPLATE_LOCK:
+        return _mni_template(float(voxel), float(fwhm))
+
+
+def _to_sitk(volume: np.ndarray, affine: np.ndarray):
+    """A SimpleITK image of a RAS-affine volume (X, Y, Z); ITK's world is LPS."""
+    import SimpleITK as sitk
+
+    affine = np.asarray(affine, dtype=np.float64)
+    lps = np.diag([-1.0, -1.0, 1.0])
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    direction = lps @ affine[:3, :3] / spacing
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(volume, np.float32).transpose(2, 1, 0)))
+    img.SetSpacing([float(s) for s in spacing])
+    img.SetDirection([float(v) for v in direction.flatten()])
+    img.SetOrigin([float(v) for v in lps @ affine[:3, 3]])
+    return img
+
+
+def _from_sitk(img) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(img).transpose(2, 1, 0)
+
+
+def correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """Pearson correlation of two volumes inside ``mask``: how well a scan matches the template."""
+    x, y = a[mask].astype(np.float64), b[mask].astype(np.float64)
+    x, y = x - x.mean(), y - y.mean()
+    denom = np.sqrt((x * x).sum() * (y * y).sum())
+    return float((x * y).sum() / denom) if denom > 0 else 0.0
+
+
+def default_cache_dir() -> Path:
+    """``$PETMONAI_CACHE/registration``, else ``~/.cache/petmonai/registration``."""
+    root = os.environ.get("PETMONAI_CACHE") or Path.home() / ".cache" / "petmonai"
+    return Path(root) / "registration"
+
+
+class RegisterToTemplate(Transform):
+    """Affine (or rigid) registration of a PET volume to an MNI FDG template; returns the volume
+    resampled on the template grid (``template.shape``, template affine).
+
+    Mattes mutual information, a rigid stage then an affine stage, each over two resolution levels,
+    fixed random sampling seed, one thread: the same input gives the same transform. The transform
+    is cached in ``cache_dir`` under a hash of the input voxels, affine and settings, so the
+    expensive part runs once per scan (written to a temporary file, then renamed). A registration
+    whose result correlates below ``min_correlation`` with the template inside the brain is a
+    :class:`DataError` naming the file: a failed registration is never fed to a model silently.
+
+    >>> from monai.data import MetaTensor
+    >>> t = mni_fdg_template(4.0)  # doctest: +SKIP
+    >>> img = MetaTensor(torch.as_tensor(t.image)[None], affine=torch.as_tensor(t.affine))  # doctest: +SKIP
+    >>> RegisterToTemplate(voxel=4.0, cache_dir=None)(img).shape  # doctest: +SKIP
+    torch.Size([1, 48, 56, 48])
+    """
+
+    def __init__(self, voxel: float = 4.0, fwhm: float = 8.0, transform: str = "affine",
+                 cache_dir: str | Path | None = "default", min_correlation: float = 0.25,
+                 iterations: int = 200, seed: int = 0):
+        if transform not in ("rigid", "affine"):
+            raise ValueError(f"transform must be 'rigid' or 'affine', not {transform!r}")
+        self.voxel, self.fwhm, self.transform = float(voxel), float(fwhm), transform
+        self.cache_dir = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
+        self.min_correlation, self.iterations, self.seed = float(min_correlation), int(iterations), int(seed)
+        self.last_correlation: float | None = None
+
+    @property
+    def template(self) -> Template:
+        return mni_fdg_template(self.voxel, self.fwhm)
+
+    def _key(self, volume: np.ndarray, affine: np.ndarray) -> str:
+        h = hashlib.sha1()
+        h.update(np.ascontiguousarray(volume, np.float32).tobytes())
+        h.update(np.asarray(affine, np.float64).round(6).tobytes())
+        settings = dict(voxel=self.voxel, fwhm=self.fwhm, transform=self.transform, iterations=self.iterations,
+                        seed=self.seed, version=1)
+        h.update(json.dumps(settings, sort_keys=True).encode())
+        return h.hexdigest()
+
+    def register(self, volume: np.ndarray, affine: np.ndarray):
+        """The SimpleITK transform mapping template points to points of ``volume`` (cached)."""
+        import SimpleITK as sitk
+
+        path = None
+        if self.cache_dir is not None:
+            path = self.cache_dir / f"{self._key(volume, affine)}.tfm"
+            if path.exists():
+                return sitk.ReadTransform(str(path))
+        tfm = self._optimise(volume, affine)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".tfm", dir=path.parent)
+            os.close(fd)
+            sitk.WriteTransform(tfm, tmp)
+            os.replace(tmp, path)
+        return tfm
+
+    def _optimise(self, volume: np.ndarray, affine: np.ndarray):
+        import SimpleITK as sitk
+
+        template = self.template
+        fixed = _to_sitk(template.image, template.affine)
+        moving = _to_sitk(volume, affine)
+        # centre of mass of the bright part (the brain), not of background noise, starts the search
+        bright = np.where(volume > 0.3 * np.percentile(volume, 99.5), volume, 0).astype(np.float32)
+        start = sitk.CenteredTransformInitializer(fixed, _to_sitk(bright, affine), sitk.Euler3DTransform(),
+                                                  sitk.CenteredTransformInitializerFilter.MOMENTS)
+        fixed_mask = _to_sitk(template.brain(margin=2).astype(np.float32), template.affine)
+        fixed_mask = sitk.Cast(fixed_mask, sitk.sitkUInt8)
+
+        def run(initial):
+            reg = sitk.ImageRegistrationMethod()
+            reg.SetNumberOfThreads(1)
+            reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+            reg.SetMetricSamplingStrategy(reg.RANDOM)
+            reg.SetMetricSamplingPercentage(0.5, self.seed + 1)  # seed 0 means wall clock in ITK
+            reg.SetMetricFixedMask(fixed_mask)
+            reg.SetInterpolator(sitk.sitkLinear)
+            reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4,
+                                                         numberOfIterations=self.iterations,
+                                                         relaxationFactor=0.5)
+            reg.SetOptimizerScalesFromPhysicalShift()
+            reg.SetShrinkFactorsPerLevel([2, 1])
+            reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
+            reg.SetInitialTransform(initial, inPlace=False)
+            return reg.Execute(fixed, sitk.Cast(moving, sitk.sitkFloat32))
+
+        rigid = run(start)
+        if self.transform == "rigid":
+            return rigid
+        euler = sitk.Euler3DTransform(rigid.GetNthTransform(0))  # Execute returns a one-transform composite
+        initial = sitk.AffineTransform(3)
+        initial.SetCenter(euler.GetCenter())
+        initial.SetMatrix(euler.GetMatrix())
+        initial.SetTranslation(euler.GetTranslation())
+        return run(initial)
+
+    def __call__(self, img):
+        import SimpleITK as sitk
+
+        name = source_file(img)
+        affine = getattr(img, "affine", None)
+        if affine is None:
+            raise DataError(name, "no affine: put RegisterToTemplated before EnsureTyped(track_meta=false)")
+        data = torch.as_tensor(img).float().cpu().numpy()
+        if data.ndim != 4 or data.shape[0] != 1:
+            raise DataError(name, f"registration needs one channel (1, X, Y, Z), got shape {tuple(data.shape)}")
+        volume, affine = data[0], np.asarray(torch.as_tensor(affine).cpu(), np.float64)
+        tfm = self.register(volume, affine)
+        template = self.template
+        fixed = _to_sitk(template.image, template.affine)
+        out = _from_sitk(sitk.Resample(_to_sitk(volume, affine), fixed, tfm, sitk.sitkLinear, 0.0))
+        # compare at the template's resolution: noise texture differs by scanner, not alignment
+        from scipy import ndimage
+
+        smooth = ndimage.gaussian_filter(out, sigma=self.fwhm / FWHM_PER_SIGMA / self.voxel)
+        self.last_correlation = correlation(smooth, template.image, template.brain())
+        if self.last_correlation < self.min_correlation:
+            raise DataError(name, f"registration to the template failed: correlation {self.last_correlation:.2f} "
+                                  f"< {self.min_correlation} inside the template brain (check the scan's "
+                                  "orientation and field of view)")
+        meta = dict(getattr(img, "meta", {}) or {})
+        meta.pop("affine", None)
+        meta["registration_correlation"] = self.last_correlation
+        return MetaTensor(torch.as_tensor(np.ascontiguousarray(out))[None], affine=torch.as_tensor(template.affine),
+                          meta=meta)
+
+
+class RegisterToTemplated(MapTransform):
+    """Dictionary twin of :class:`RegisterToTemplate`."""
+
+    def __init__(self, keys: KeysCollection = "image", voxel: float = 4.0, fwhm: float = 8.0,
+                 transform: str = "affine", cache_dir: str | Path | None = "default", min_correlation: float = 0.25,
+                 iterations: int = 200, seed: int = 0, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.register = RegisterToTemplate(voxel, fwhm, transform, cache_dir, min_correlation, iterations, seed)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.register(d[key])
+        return d
+
+
+def _check_grid(img, template: Template, what: str) -> None:
+    if tuple(img.shape[1:]) != template.shape:
+        raise DataError(source_file(img), f"{what} needs the volume on the template grid {template.shape} "
+                                          f"(put RegisterToTemplated before it), got {tuple(img.shape[1:])}")
+
+
+class ReferenceRegionNormalise(Transform):
+    """SUVR: divide a registered volume by its mean uptake in a reference region of the template
+    (``pons`` or ``cerebellum``, spared in MCI/AD; ``brain``: proportional scaling by the whole brain).
+
+    >>> out = ReferenceRegionNormalise("pons")(registered)  # doctest: +SKIP
+    """
+
+    def __init__(self, region: str = "pons", voxel: float = 4.0, fwhm: float = 8.0):
+        self.region_name, self.voxel, self.fwhm = region, float(voxel), float(fwhm)
+        mni_fdg_template(self.voxel, self.fwhm).region(region)  # an unknown region fails when the config is built
+
+    def __call__(self, img):
+        template = mni_fdg_template(self.voxel, self.fwhm)
+        _check_grid(img, template, "reference-region normalisation")
+        mask = torch.as_tensor(template.region(self.region_name), device=img.device)
+        mean = torch.as_tensor(img).float()[0][mask].mean()
+        if not torch.isfinite(mean) or mean <= 0:
+            raise DataError(source_file(img), f"no uptake in the {self.region_name} reference region "
+                                              f"(mean {float(mean):.3g}): registration or scan is wrong")
+        return img / mean
+
+
+class ReferenceRegionNormalised(MapTransform):
+    """Dictionary twin of :class:`ReferenceRegionNormalise`."""
+
+    def __init__(self, keys: KeysCollection = "image", region: str = "pons", voxel: float = 4.0, fwhm: float = 8.0,
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.normalise = ReferenceRegionNormalise(region, voxel, fwhm)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.normalise(d[key])
+        return d
+
+
+class MaskToTemplateBrain(Transform):
+    """Zero a registered volume outside the template brain (grown by ``margin`` voxels): after
+    registration the same voxels are kept for every scan, whatever the scanner's field of view."""
+
+    def __init__(self, margin: int = 1, voxel: float = 4.0, fwhm: float = 8.0):
+        self.margin, self.voxel, self.fwhm = int(margin), float(voxel), float(fwhm)
+
+    def __call__(self, img):
+        template = mni_fdg_template(self.voxel, self.fwhm)
+        _check_grid(img, template, "the template brain mask")
+        keep = torch.as_tensor(template.brain(self.margin), device=img.device)[None]
+        return img * keep.to(img.dtype)
+
+
+class MaskToTemplateBraind(MapTransform):
+    """Dictionary twin of :class:`MaskToTemplateBrain`."""
+
+    def __init__(self, keys: KeysCollection = "image", margin: int = 1, voxel: float = 4.0, fwhm: float = 8.0,
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.mask = MaskToTemplateBrain(margin, voxel, fwhm)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.mask(d[key])
+        return d
+
+
+def template_parcels(n: int = 64, voxel: float = 4.0, fwhm: float = 8.0, grid=None, seed: int = 0) -> np.ndarray:
+    """Integer label map (0 = outside, 1..n) that splits the template's grey matter into ``n``
+    compact parcels: k-means of the left hemisphere's voxel positions, mirrored to the right, so
+    parcel ``k`` and ``k + n/2`` are left/right twins. Data-free (no fold can leak into it).
+    ``grid``: pad/crop the map as ``ResizeWithPadOrCropd(spatial_size=grid)`` pads/crops the volumes.
+
+    >>> labels = template_parcels(64)  # doctest: +SKIP
+    >>> means = np.bincount(labels.ravel(), weights=volume.ravel()) / np.bincount(labels.ravel())  # doctest: +SKIP
+    """
+    from sklearn.cluster import KMeans
+
+    if n < 2 or n % 2:
+        raise ValueError(f"parcels come in left/right pairs: an even number >= 2, not {n}")
+    t = mni_fdg_template(voxel, fwhm)
+    ijk = np.argwhere(t.grey > 0.5)
+    xyz = ijk @ t.affine[:3, :3].T + t.affine[:3, 3]
+    left = xyz[:, 0] < 0
+    centres = KMeans(n // 2, n_init=4, random_state=seed).fit(xyz[left]).cluster_centers_
+    centres = np.concatenate([centres, centres * np.array([-1.0, 1.0, 1.0])])
+    nearest = ((xyz[:, None, :] - centres[None]) ** 2).sum(-1)
+    # a voxel takes the nearest parcel of its own hemisphere (the midline does not mix them)
+    nearest[left, n // 2:] = np.inf
+    nearest[~left, : n // 2] = np.inf
+    labels = np.zeros(t.shape, np.int64)
+    labels[tuple(ijk.T)] = nearest.argmin(1) + 1
+    if grid is not None and tuple(grid) != t.shape:
+        from monai.transforms import ResizeWithPadOrCrop
+
+        labels = np.asarray(ResizeWithPadOrCrop(spatial_size=list(grid))(torch.as_tensor(labels)[None]))[0]
+    return labels.astype(np.int64)
+
+
+def parcel_means(volume: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Mean of ``volume`` in each parcel 1..labels.max() (the region-level features)."""
+    labels, volume = np.asarray(labels).ravel(), np.asarray(volume, np.float64).reshape(-1)
+    if volume.size != labels.size:
+        raise ValueError(f"volume of {volume.size} voxels on a parcel map of {labels.size}: not the template grid")
+    n = int(labels.max())
+    sums = np.bincount(labels, weights=volume, minlength=n + 1)[1:]
+    counts = np.bincount(labels, minlength=n + 1)[1:]
+    return sums / np.maximum(counts, 1)
+
+
+__all__ = ["Template", "template_parcels", "parcel_means", "mni_fdg_template", "RegisterToTemplate", "RegisterToTemplated", "ReferenceRegionNormalise",
+           "ReferenceRegionNormalised", "MaskToTemplateBrain", "MaskToTemplateBraind", "correlation",
+           "default_cache_dir", "TEMPLATE_BOX_MM", "REGION_BOXES_MM"]

@@ -1,0 +1,167 @@
+"""Spatial normalisation (issue 8): template, affine registration with its cache, SUVR, template mask."""
+
+import glob
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from monai.data import MetaTensor
+
+from petmonai.errors import DataError
+from petmonai.spatial import (REGION_BOXES_MM, MaskToTemplateBraind, ReferenceRegionNormalised, RegisterToTemplate,
+                              RegisterToTemplated, _from_sitk, _to_sitk, correlation, mni_fdg_template)
+
+
+def region_centre_mm(template, mask):
+    ijk = np.argwhere(mask).mean(axis=0)
+    return template.affine[:3, :3] @ ijk + template.affine[:3, 3]
+
+
+def test_template_grid_and_reference_regions():
+    t = mni_fdg_template(4.0)
+    assert t.shape == (48, 56, 48) and np.isclose(t.image[t.brain()].mean(), 1.0, atol=1e-3)
+    for name, box in REGION_BOXES_MM.items():
+        mask = t.region(name)
+        assert mask.sum() > 20 and not (mask & ~t.brain(margin=1)).any()
+        centre = region_centre_mm(t, mask)
+        for axis, (lo, hi) in enumerate(box):
+            assert lo <= centre[axis] <= hi
+        assert abs(centre[0]) < 4  # both hemispheres alike
+    # the cortex takes up more FDG than the white matter core of the template
+    assert t.image[t.grey > 0.8].mean() > 1.5 * t.image[(t.white > 0.9)].mean()
+    with pytest.raises(ValueError, match="unknown region"):
+        t.region("hippocampus")
+
+
+def moved_template(shift_mm=(6.0, -8.0, 5.0), angle=0.08, voxel=(2.0, 2.0, 3.0)):
+    """The template as a scanner would hand it over: another grid, voxel size and head position."""
+    t = mni_fdg_template(4.0)
+    known = sitk.Euler3DTransform((0.0, -18.0, 18.0), angle, -angle / 2, angle / 2, shift_mm)
+    shape = (96, 112, 60)
+    affine = np.diag([*voxel, 1.0])
+    affine[:3, 3] = [-(s - 1) * v / 2 + c for s, v, c in zip(shape, voxel, (0.0, -18.0, 18.0))]
+    ref = _to_sitk(np.zeros(shape, np.float32), affine)
+    moved = _from_sitk(sitk.Resample(_to_sitk(t.image, t.affine), ref, known.GetInverse(), sitk.sitkLinear, 0.0))
+    return MetaTensor(torch.as_tensor(moved)[None], affine=torch.as_tensor(affine),
+                      meta={"filename_or_obj": "moved_template.nii.gz"})
+
+
+def test_registration_undoes_a_known_motion_and_is_cached(tmp_path, monkeypatch):
+    t = mni_fdg_template(4.0)
+    img = moved_template()
+    unregistered = sitk.Resample(_to_sitk(img[0].numpy(), np.asarray(img.affine)), _to_sitk(t.image, t.affine),
+                                 sitk.Euler3DTransform(), sitk.sitkLinear, 0.0)
+    before = correlation(_from_sitk(unregistered), t.image, t.brain())
+    reg = RegisterToTemplate(voxel=4.0, cache_dir=tmp_path)
+    out = reg(img)
+    assert tuple(out.shape) == (1, 48, 56, 48)
+    assert np.allclose(np.asarray(out.affine), t.affine)
+    after = correlation(out[0].numpy(), t.image, t.brain())
+    assert after > 0.97, after
+    assert after > before + 0.2, (before, after)
+    assert out.meta["filename_or_obj"] == "moved_template.nii.gz"
+    assert len(list(tmp_path.glob("*.tfm"))) == 1
+
+    # the second call reads the cached transform: no optimisation, same voxels
+    monkeypatch.setattr(RegisterToTemplate, "_optimise", lambda *a, **k: pytest.fail("cache not used"))
+    again = RegisterToTemplate(voxel=4.0, cache_dir=tmp_path)(img)
+    assert torch.equal(again, out)
+
+
+def test_registration_is_reproducible_without_cache():
+    img = moved_template(shift_mm=(-4.0, 3.0, -6.0), angle=-0.05)
+    a = RegisterToTemplate(cache_dir=None)(img)
+    b = RegisterToTemplate(cache_dir=None)(img)
+    assert torch.allclose(a, b, atol=1e-4)  # ITK threads may sum in another order: ~1e-7 apart
+
+
+def test_a_failed_registration_names_the_file():
+    img = moved_template()
+    with pytest.raises(DataError, match="moved_template.nii.gz: registration to the template failed"):
+        RegisterToTemplate(cache_dir=None, min_correlation=0.999)(img)
+    two = MetaTensor(torch.ones(2, 20, 20, 20), meta={"filename_or_obj": "two_channels.nii"})
+    with pytest.raises(DataError, match="two_channels.nii: registration needs one channel"):
+        RegisterToTemplate(cache_dir=None)(two)
+    with pytest.raises(ValueError, match="rigid"):
+        RegisterToTemplate(transform="bspline")
+
+
+def test_reference_region_normalisation_and_template_mask():
+    t = mni_fdg_template(4.0)
+    img = MetaTensor(torch.as_tensor(t.image)[None] * 7.5, affine=torch.as_tensor(t.affine))
+    d = ReferenceRegionNormalised("image", region="pons")({"image": img})
+    pons = torch.as_tensor(t.region("pons"))
+    assert torch.isclose(d["image"][0][pons].mean(), torch.tensor(1.0), atol=1e-4)
+    d = MaskToTemplateBraind("image", margin=1)({"image": img + 1.0})
+    outside = torch.as_tensor(~t.brain(margin=1))
+    assert float(d["image"][0][outside].abs().max()) == 0.0 and float(d["image"][0][~outside].min()) > 0
+    wrong = MetaTensor(torch.ones(1, 30, 30, 30), meta={"filename_or_obj": "unregistered.nii.gz"})
+    with pytest.raises(DataError, match="unregistered.nii.gz: reference-region normalisation needs the volume on "
+                                        "the template grid"):
+        ReferenceRegionNormalised("image", region="cerebellum")({"image": wrong})
+    zero = MetaTensor(torch.zeros(1, *t.shape), meta={"filename_or_obj": "empty.nii.gz"})
+    with pytest.raises(DataError, match="empty.nii.gz: no uptake in the pons"):
+        ReferenceRegionNormalised("image", region="pons")({"image": zero})
+
+
+def test_real_scans_register_to_the_template(real_data_root, tmp_path):
+    from petmonai.config import default_config_path, load_config
+    from petmonai.transforms import build_pipelines
+
+    cfg = load_config(default_config_path("experiments/register_suvr.yaml"))
+    preprocess, _ = build_pipelines(cfg)
+    register = next(t for t in preprocess.transforms if isinstance(t, RegisterToTemplated))
+    register.register.cache_dir = tmp_path
+    t = mni_fdg_template(4.0)
+    # one scan of each protocol: 63 slices uint16, 47 slices float32
+    for name in ("Train/NC/1.nii.gz", "Train/MCI/16.nii.gz"):
+        out = preprocess({"image": str(real_data_root / name), "label": 0})["image"]
+        assert tuple(out.shape) == (1, *t.shape) and torch.isfinite(out).all()
+        assert register.register.last_correlation > 0.35, (name, register.register.last_correlation)
+        # SUVR: the pons averages 1 and the cortex is brighter than the pons, as in FDG-PET
+        assert abs(float(out[0][torch.as_tensor(t.region("pons"))].mean()) - 1.0) < 1e-3
+        assert float(out[0][torch.as_tensor(t.grey > 0.8)].mean()) > 1.0
+    assert len(list(tmp_path.glob("*.tfm"))) == 2
+
+
+def test_template_parcels_pair_left_and_right():
+    from petmonai.spatial import parcel_means, template_parcels
+
+    t = mni_fdg_template(4.0)
+    labels = template_parcels(16)
+    assert labels.max() == 16 and set(np.unique(labels)) == set(range(17))
+    assert not ((labels > 0) & ~(t.grey > 0.5)).any()
+    for k in range(1, 9):  # parcel k (left) and k + 8 (right) mirror each other
+        left, right = region_centre_mm(t, labels == k), region_centre_mm(t, labels == k + 8)
+        assert left[0] < 0 < right[0] and np.allclose(left * [-1, 1, 1], right, atol=4.0)
+    means = parcel_means(t.image, labels)
+    assert means.shape == (16,) and np.isclose(means[0], t.image[labels == 1].mean())
+    padded = template_parcels(16, grid=(52, 60, 52))  # as ResizeWithPadOrCropd pads the volumes
+    assert padded.shape == (52, 60, 52)
+    assert np.array_equal(np.bincount(padded.ravel())[1:], np.bincount(labels.ravel())[1:])
+    assert np.array_equal(padded[2:50, 2:58, 2:50], labels)
+    with pytest.raises(ValueError, match="pairs"):
+        template_parcels(7)
+
+
+def test_region_features_of_the_reference_model(tiny_cohort, tmp_path):
+    from petmonai.config import default_config_path, load_config
+    from petmonai.data import discover, train_rows
+    from petmonai.errors import ConfigError
+    from petmonai.reference import reference_features, run_reference_cv
+    from petmonai.splits import make_folds
+
+    overrides = ["spacing=[8.0, 8.0, 8.0]", "spatial_size=[24, 28, 24]", "reference.preprocessing=package",
+                 "reference.features=regions", "reference.regions=16", "report.bootstrap=50",
+                 "preprocess.5.min_correlation=0.1"]  # the phantom at 8 mm matches the MNI template less (~0.22)
+    cfg = load_config(default_config_path("experiments/register_suvr.yaml"), overrides)
+    datalist = train_rows(discover(tiny_cohort))
+    features = reference_features(cfg, datalist)
+    assert features.shape == (len(datalist), 16) and np.isfinite(features.to_numpy()).all()
+    folds = make_folds(datalist, "subject", n_folds=3, seed=0)
+    result = run_reference_cv(cfg, datalist, folds, tmp_path / "reference_regions", features=features)
+    assert (tmp_path / "reference_regions" / "metrics.json").is_file()
+    assert result["settings"]["features"] == "regions"
+    with pytest.raises(ConfigError, match="RegisterToTemplated"):
+        reference_features(load_config(None, overrides[:-1]), datalist)  # the default config does not register
