@@ -652,6 +652,13 @@ def audit_markdown(report: dict) -> str:
         out += [f"**WARNING**: {w}" for w in after["warnings"]] or [
             f"No property separates the classes (every AUC < {after['warn_above']})."]
         out.append("")
+        reg = after.get("registration")
+        if reg:
+            corr = reg["template_correlation"]
+            worst = sorted(corr.items(), key=lambda kv: kv[1])[:3]
+            out += [f"Registration to the template: correlation with the template {min(corr.values()):.2f}-"
+                    f"{max(corr.values()):.2f} over {len(corr)} scans (lowest: "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in worst) + f"); montage `{reg['montage']}`.", ""]
     return "\n".join(out)
 
 

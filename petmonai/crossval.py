@@ -216,12 +216,14 @@ def summarise(predictions: pd.DataFrame, datalist: pd.DataFrame, protocol: str, 
                        leaky_protocols=LEAKY_PROTOCOLS)
 
 
-def preprocessed_check(cache: VolumeCache, train: pd.DataFrame, run_dir: Path) -> dict:
+def preprocessed_check(cache: VolumeCache, train: pd.DataFrame, run_dir: Path, preprocess=None) -> dict:
     """The audit after preprocessing: does any property of the volumes the network will see (shape,
     intensity range, background, brain fraction) still separate the classes? Writes
     ``preprocessed_check.json`` and warns loudly when one does (the audit did the same for the
-    headers before preprocessing)."""
+    headers before preprocessing). A ``preprocess`` that registers to the template also gets each
+    scan's correlation with the template checked and ``registration.png`` (QC montage) written."""
     from petmonai.harmonise import property_separability, volume_properties
+    from petmonai.spatial import find_registration, registration_montage, template_correlations
 
     rows = []
     for sid in cache.scan_ids:
@@ -230,10 +232,21 @@ def preprocessed_check(cache: VolumeCache, train: pd.DataFrame, run_dir: Path) -
                      **volume_properties(image)})
     table = pd.DataFrame(rows)
     labels = train.set_index("scan_id").loc[table["scan_id"], "label"].to_numpy()
+    register = find_registration(preprocess)
+    registration = None
+    if register is not None:
+        volumes = {sid: cache[sid]["image"] for sid in cache.scan_ids}
+        corr = template_correlations(volumes, register)
+        table["template_correlation"] = table["scan_id"].map(corr)
+        names = dict(zip(table["scan_id"], np.where(labels == 1, "MCI", "NC")))
+        registration_montage(volumes, register, run_dir / "registration.png", corr, names)
+        registration = {"template_correlation": corr, "min": min(corr.values()), "montage": "registration.png"}
     props = table.drop(columns=["scan_id"]).assign(shape=lambda t: pd.factorize(t["shape"])[0],
                                                    dtype=lambda t: pd.factorize(t["dtype"])[0])
     result = property_separability(props, labels)
     result["n_scans"] = len(table)
+    if registration is not None:
+        result["registration"] = registration
     atomic_write_json(run_dir / "preprocessed_check.json", result)
     for warning in result["warnings"]:
         log.warning("PREPROCESSED-DATA CHECK: %s", warning)
@@ -259,7 +272,7 @@ def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path,
         train = train[train["scan_id"].isin(cache.scan_ids)].reset_index(drop=True)
 
     if dist.is_main() and not resume:
-        preprocessed_check(cache, train, run_dir)
+        preprocessed_check(cache, train, run_dir, preprocess)
 
     cv = cfg["cv"]
 

@@ -227,10 +227,11 @@ def finish_training(cfg, datalist, run_dir, device, synthetic, log, resume: bool
     return m
 
 
-def preprocessed_audit(config, datalist: pd.DataFrame, overrides=()) -> dict:
+def preprocessed_audit(config, datalist: pd.DataFrame, overrides=(), out_dir: Path | None = None) -> dict:
     """Preprocess the training scans as ``config`` does and check, like the header audit, whether
     any property of the resulting volumes still separates the classes (after harmonisation, none
-    should): :func:`petmonai.crossval.preprocessed_check` without a run folder."""
+    should): :func:`petmonai.crossval.preprocessed_check`; its files (a registration montage for
+    a registering config) go to ``out_dir`` when given."""
     import tempfile
 
     from petmonai.crossval import build_cache, preprocessed_check
@@ -239,9 +240,13 @@ def preprocessed_audit(config, datalist: pd.DataFrame, overrides=()) -> dict:
 
     cfg = load_config(config, list(overrides))
     train = train_rows(datalist)
-    cache = build_cache(cfg, train, build_pipelines(cfg)[0])
+    preprocess = build_pipelines(cfg)[0]
+    cache = build_cache(cfg, train, preprocess)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        return {"config": str(config), **preprocessed_check(cache, train, Path(out_dir), preprocess)}
     with tempfile.TemporaryDirectory() as tmp:
-        return {"config": str(config), **preprocessed_check(cache, train, Path(tmp))}
+        return {"config": str(config), **preprocessed_check(cache, train, Path(tmp), preprocess)}
 
 
 def audit_command(args) -> dict:
@@ -252,7 +257,7 @@ def audit_command(args) -> dict:
     if skipped:
         report["skipped_files"] = skipped
     if getattr(args, "config", None) is not None:
-        report["after_preprocessing"] = preprocessed_audit(args.config, datalist, args.overrides)
+        report["after_preprocessing"] = preprocessed_audit(args.config, datalist, args.overrides, args.output_dir)
     print(audit_text(report))
     for item in skipped:
         print(f"skipped: {item['image']}: {item['problem']}")
@@ -264,6 +269,11 @@ def audit_command(args) -> dict:
             print(f"WARNING: {warning}")
         if not after["warnings"]:
             print(f"No volume property separates the classes after preprocessing (every AUC < {after['warn_above']}).")
+        if after.get("registration"):
+            corr = after["registration"]["template_correlation"]
+            print(f"Registration to the template: correlation {min(corr.values()):.2f}-{max(corr.values()):.2f} "
+                  f"over {len(corr)} scans" + (f"; montage {Path(args.output_dir) / 'registration.png'}"
+                                              if args.output_dir is not None else " (--output-dir writes a montage)"))
     if args.output_dir is not None:
         paths = write_audit(report, args.output_dir)
         log.info("wrote %s", ", ".join(str(p) for p in paths.values()))

@@ -95,6 +95,28 @@ def test_audit_checks_the_preprocessed_volumes(tiny_cohort, tmp_path, capsys):
     assert after["auc"]["shape"] == 0.5 and after["auc"]["dtype"] == 0.5  # one grid, one data type for all
     assert {"texture", "p99", "background_sd"} <= set(after["auc"]) and after["n_scans"] == 12
     assert "## After preprocessing" in (tmp_path / "audit.md").read_text()
+    assert "registration" not in after and not (tmp_path / "registration.png").exists()
+
+
+def test_audit_of_a_registering_config_checks_the_registration(tiny_cohort, tmp_path, capsys):
+    """audit.py --config with spatial normalisation: each scan's match with the template is a property
+    the classes must not differ in, and registration.png shows every registration."""
+    import json
+
+    from petmonai.cli import audit_main
+
+    assert audit_main(["--data-root", str(tiny_cohort), "--output-dir", str(tmp_path),
+                       "--config", str(default_config_path("experiments/register_suvr.yaml")),
+                       "--set", "spacing=[6.0, 6.0, 6.0]", "--set", "spatial_size=[32, 40, 32]"]) == 0
+    printed = capsys.readouterr().out
+    assert "Registration to the template: correlation" in printed
+    after = json.loads((tmp_path / "audit.json").read_text())["after_preprocessing"]
+    assert "template_correlation" in after["auc"] and after["registration"]["min"] > 0.25
+    assert len(after["registration"]["template_correlation"]) == 12
+    assert after["auc"]["shape"] == 0.5
+    png = tmp_path / "registration.png"
+    assert png.is_file() and png.stat().st_size > 20_000
+    assert "montage `registration.png`" in (tmp_path / "audit.md").read_text()
 
 
 @pytest.mark.slow
