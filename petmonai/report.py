@@ -698,10 +698,17 @@ def add_reference(run_dir: str | Path, data_root: str | Path | None = None, over
     from petmonai.splits import load_folds
 
     run_dir = Path(run_dir)
-    for name in ("config.yaml", "folds.csv"):
-        if not (run_dir / name).is_file():
-            raise PetmonaiError(f"{run_dir}: no {name}; the reference model needs the run's config and folds")
-    cfg = load_config(run_dir / "config.yaml", overrides)
+    for needed in ("config.yaml", "folds.csv"):
+        if not (run_dir / needed).is_file():
+            raise PetmonaiError(f"{run_dir}: no {needed}; the reference model needs the run's config and folds")
+    from petmonai.config import apply_override
+    from petmonai.reference import REFERENCE_DEFAULTS
+
+    cfg = load_config(run_dir / "config.yaml")
+    # a run saved before a reference option existed still takes it (its default is what it ran with)
+    cfg["reference"] = {**REFERENCE_DEFAULTS, **(cfg.get("reference") or {})}
+    for assignment in overrides or []:
+        apply_override(cfg, assignment)
     if data_root is not None:
         datalist = train_rows(discover(data_root))
     else:

@@ -14,7 +14,8 @@ from petmonai.harmonise import (FWHM_PER_SIGMA, MaskToBraind, SmoothToResolution
 from petmonai.transforms import build_pipelines
 
 EXPERIMENTS = ["experiments/mask.yaml", "experiments/smooth.yaml", "experiments/smooth_mask.yaml",
-               "experiments/smooth_mask_invariance.yaml", "experiments/register.yaml", "experiments/register_suvr.yaml"]
+               "experiments/smooth_mask_invariance.yaml", "experiments/register.yaml", "experiments/register_suvr.yaml",
+               "experiments/register_suvr_parcels.yaml"]
 
 
 def impulse(voxels) -> MetaTensor:

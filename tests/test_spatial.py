@@ -165,3 +165,23 @@ def test_region_features_of_the_reference_model(tiny_cohort, tmp_path):
     assert result["settings"]["features"] == "regions"
     with pytest.raises(ConfigError, match="RegisterToTemplated"):
         reference_features(load_config(None, overrides[:-1]), datalist)  # the default config does not register
+
+
+def test_parcel_average_keeps_regional_uptake_only():
+    from petmonai.spatial import ParcelAveraged, parcel_means, template_parcels
+
+    t = mni_fdg_template(4.0)
+    rng = np.random.default_rng(0)
+    noisy = t.image * (1 + 0.3 * rng.standard_normal(t.shape)).astype(np.float32)
+    img = MetaTensor(torch.as_tensor(noisy)[None], affine=torch.as_tensor(t.affine),
+                     meta={"filename_or_obj": "scan.nii.gz"})
+    out = ParcelAveraged("image", n=16)({"image": img})["image"][0].numpy()
+    labels = template_parcels(16)
+    means = parcel_means(noisy, labels)
+    for k in (1, 9, 16):
+        assert np.allclose(out[labels == k], means[k - 1], rtol=1e-5)
+    assert (out[labels == 0] == 0).all()
+    assert len(np.unique(out)) == 17  # 16 parcel values and the zero outside
+    with pytest.raises(DataError, match="scan.nii.gz: parcel averaging needs the volume on the template grid"):
+        ParcelAveraged("image", n=16)({"image": MetaTensor(torch.ones(1, 8, 8, 8),
+                                                          meta={"filename_or_obj": "scan.nii.gz"})})
