@@ -15,7 +15,7 @@ from petmonai.transforms import build_pipelines
 
 EXPERIMENTS = ["experiments/mask.yaml", "experiments/smooth.yaml", "experiments/smooth_mask.yaml",
                "experiments/smooth_mask_invariance.yaml", "experiments/register.yaml", "experiments/register_suvr.yaml",
-               "experiments/register_suvr_parcels.yaml"]
+               "experiments/register_parcels.yaml"]
 
 
 def impulse(voxels) -> MetaTensor:
