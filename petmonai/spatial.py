@@ -156,6 +156,21 @@ def _from_sitk(img) -> np.ndarray:
     return sitk.GetArrayFromImage(img).transpose(2, 1, 0)
 
 
+def ras_matrix(tfm) -> np.ndarray:
+    """4 x 4 RAS matrix of an affine SimpleITK transform (which maps template points to scan points
+    in ITK's LPS world)."""
+    flip = np.diag([-1.0, -1.0, 1.0])
+
+    def apply(p):
+        return flip @ np.asarray(tfm.TransformPoint(tuple(float(v) for v in flip @ p)))
+
+    origin = apply(np.zeros(3))
+    out = np.eye(4)
+    out[:3, :3] = np.stack([apply(e) - origin for e in np.eye(3)], axis=1)
+    out[:3, 3] = origin
+    return out
+
+
 def correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     """Pearson correlation of two volumes inside ``mask``: how well a scan matches the template."""
     x, y = a[mask].astype(np.float64), b[mask].astype(np.float64)
@@ -296,8 +311,10 @@ class RegisterToTemplate(Transform):
         meta = dict(getattr(img, "meta", {}) or {})
         meta.pop("affine", None)
         meta["registration_correlation"] = self.last_correlation
-        return MetaTensor(torch.as_tensor(np.ascontiguousarray(out))[None], affine=torch.as_tensor(template.affine),
-                          meta=meta)
+        # the affine says where each template-grid voxel was sampled in the scanner's world, so a
+        # map computed on this grid (Grad-CAM) resamples back onto the input file through affines only
+        world = ras_matrix(tfm) @ template.affine
+        return MetaTensor(torch.as_tensor(np.ascontiguousarray(out))[None], affine=torch.as_tensor(world), meta=meta)
 
 
 class RegisterToTemplated(MapTransform):
