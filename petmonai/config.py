@@ -45,6 +45,11 @@ SCHEMA: dict[str, Any] = {
         "allow_leaky": bool,
     },
     "spacing": list,
+    "template": {                 # spatial normalisation (petmonai.spatial.RegisterToTemplated)
+        "transform": str,
+        "min_correlation": _NUM,
+        "cache_dir": _OPT_STR,
+    },
     "spatial_size": list,
     "crop_size": list,
     "num_slices": int,            # 2D slice models: axial slices stacked as input channels

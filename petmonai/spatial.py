@@ -156,19 +156,30 @@ def _from_sitk(img) -> np.ndarray:
     return sitk.GetArrayFromImage(img).transpose(2, 1, 0)
 
 
+def _lps_matrix(tfm) -> np.ndarray:
+    """4 x 4 matrix of an affine SimpleITK transform (any type, composites included), in ITK's LPS world."""
+    origin = np.asarray(tfm.TransformPoint((0.0, 0.0, 0.0)))
+    out = np.eye(4)
+    out[:3, :3] = np.stack([np.asarray(tfm.TransformPoint(tuple(float(v) for v in e))) - origin
+                            for e in np.eye(3)], axis=1)
+    out[:3, 3] = origin
+    return out
+
+
+def _affine_transform(lps: np.ndarray):
+    import SimpleITK as sitk
+
+    tfm = sitk.AffineTransform(3)
+    tfm.SetMatrix([float(v) for v in np.asarray(lps)[:3, :3].flatten()])
+    tfm.SetTranslation([float(v) for v in np.asarray(lps)[:3, 3]])
+    return tfm
+
+
 def ras_matrix(tfm) -> np.ndarray:
     """4 x 4 RAS matrix of an affine SimpleITK transform (which maps template points to scan points
     in ITK's LPS world)."""
-    flip = np.diag([-1.0, -1.0, 1.0])
-
-    def apply(p):
-        return flip @ np.asarray(tfm.TransformPoint(tuple(float(v) for v in flip @ p)))
-
-    origin = apply(np.zeros(3))
-    out = np.eye(4)
-    out[:3, :3] = np.stack([apply(e) - origin for e in np.eye(3)], axis=1)
-    out[:3, 3] = origin
-    return out
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return flip @ _lps_matrix(tfm) @ flip
 
 
 def correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
@@ -191,8 +202,8 @@ class RegisterToTemplate(Transform):
 
     Mattes mutual information, a rigid stage then an affine stage, each over two resolution levels,
     fixed random sampling seed, one thread: the same input gives the same transform. The transform
-    is cached in ``cache_dir`` under a hash of the input voxels, affine and settings, so the
-    expensive part runs once per scan (written to a temporary file, then renamed). A registration
+    is cached in ``cache_dir`` (a small JSON per scan) under a hash of the input voxels, affine and
+    settings, so the expensive part runs once per scan (written to a temporary file, then renamed). A registration
     whose result correlates below ``min_correlation`` with the template inside the brain is a
     :class:`DataError` naming the file: a failed registration is never fed to a model silently.
 
@@ -222,25 +233,29 @@ class RegisterToTemplate(Transform):
         h.update(np.ascontiguousarray(volume, np.float32).tobytes())
         h.update(np.asarray(affine, np.float64).round(6).tobytes())
         settings = dict(voxel=self.voxel, fwhm=self.fwhm, transform=self.transform, iterations=self.iterations,
-                        seed=self.seed, version=1)
+                        seed=self.seed, version=2)
         h.update(json.dumps(settings, sort_keys=True).encode())
         return h.hexdigest()
 
     def register(self, volume: np.ndarray, affine: np.ndarray):
-        """The SimpleITK transform mapping template points to points of ``volume`` (cached)."""
-        import SimpleITK as sitk
+        """The SimpleITK transform mapping template points to points of ``volume`` (cached).
 
+        The cache holds the transform as a 4 x 4 matrix in JSON, not an ITK transform file: ITK's
+        file readers (HDF5) are not safe to call from the cache's loader threads."""
         path = None
         if self.cache_dir is not None:
-            path = self.cache_dir / f"{self._key(volume, affine)}.tfm"
+            path = self.cache_dir / f"{self._key(volume, affine)}.json"
             if path.exists():
-                return sitk.ReadTransform(str(path))
-        tfm = self._optimise(volume, affine)
+                try:
+                    return _affine_transform(np.asarray(json.loads(path.read_text())["lps_matrix"]))
+                except (ValueError, KeyError, OSError):
+                    pass  # a damaged cache entry is recomputed and replaced
+        tfm = _affine_transform(_lps_matrix(self._optimise(volume, affine)))
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".tfm", dir=path.parent)
-            os.close(fd)
-            sitk.WriteTransform(tfm, tmp)
+            fd, tmp = tempfile.mkstemp(suffix=".json.tmp", dir=path.parent)
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"lps_matrix": _lps_matrix(tfm).tolist(), "transform": self.transform}, fh)
             os.replace(tmp, path)
         return tfm
 

@@ -67,7 +67,7 @@ def test_registration_undoes_a_known_motion_and_is_cached(tmp_path, monkeypatch)
     assert after > 0.97, after
     assert after > before + 0.2, (before, after)
     assert out.meta["filename_or_obj"] == "moved_template.nii.gz"
-    assert len(list(tmp_path.glob("*.tfm"))) == 1
+    assert len(list(tmp_path.glob("*.json"))) == 1
 
     # the second call reads the cached transform: no optimisation, same voxels
     monkeypatch.setattr(RegisterToTemplate, "_optimise", lambda *a, **k: pytest.fail("cache not used"))
@@ -128,7 +128,7 @@ def test_real_scans_register_to_the_template(real_data_root, tmp_path):
         # SUVR: the pons averages 1 and the cortex is brighter than the pons, as in FDG-PET
         assert abs(float(out[0][torch.as_tensor(t.region("pons"))].mean()) - 1.0) < 1e-3
         assert float(out[0][torch.as_tensor(t.grey > 0.8)].mean()) > 1.0
-    assert len(list(tmp_path.glob("*.tfm"))) == 2
+    assert len(list(tmp_path.glob("*.json"))) == 2
 
 
 def test_template_parcels_pair_left_and_right():
