@@ -170,7 +170,7 @@ def test_region_features_of_the_reference_model(tiny_cohort, tmp_path):
     assert (tmp_path / "reference_regions" / "metrics.json").is_file()
     assert result["settings"]["features"] == "regions"
     with pytest.raises(ConfigError, match="RegisterToTemplated"):
-        reference_features(load_config(None, overrides[:-1]), datalist)  # the default config does not register
+        reference_features(load_config(default_config_path("experiments/native.yaml"), overrides[:-1]), datalist)
 
 
 def test_parcel_average_keeps_regional_uptake_only():
