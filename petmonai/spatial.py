@@ -318,14 +318,15 @@ class RegisterToTemplate(Transform):
         from scipy import ndimage
 
         smooth = ndimage.gaussian_filter(out, sigma=self.fwhm / FWHM_PER_SIGMA / self.voxel)
-        self.last_correlation = correlation(smooth, template.image, template.brain())
-        if self.last_correlation < self.min_correlation:
-            raise DataError(name, f"registration to the template failed: correlation {self.last_correlation:.2f} "
+        corr = correlation(smooth, template.image, template.brain())  # a local: cache threads share this object
+        self.last_correlation = corr
+        if corr < self.min_correlation:
+            raise DataError(name, f"registration to the template failed: correlation {corr:.2f} "
                                   f"< {self.min_correlation} inside the template brain (check the scan's "
                                   "orientation and field of view)")
         meta = dict(getattr(img, "meta", {}) or {})
         meta.pop("affine", None)
-        meta["registration_correlation"] = self.last_correlation
+        meta["registration_correlation"] = corr
         # the affine says where each template-grid voxel was sampled in the scanner's world, so a
         # map computed on this grid (Grad-CAM) resamples back onto the input file through affines only
         world = ras_matrix(tfm) @ template.affine
