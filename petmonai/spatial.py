@@ -27,6 +27,7 @@ import json
 import os
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -198,10 +199,12 @@ def default_cache_dir() -> Path:
 
 class RegisterToTemplate(Transform):
     """Affine (or rigid) registration of a PET volume to an MNI FDG template; returns the volume
-    resampled on the template grid (``template.shape``, template affine).
+    resampled on the template grid (``template.shape``), with an affine from template voxels to the
+    points of the scanner's world they were sampled at.
 
     Mattes mutual information, a rigid stage then an affine stage, each over two resolution levels,
-    fixed random sampling seed, one thread: the same input gives the same transform. The transform
+    fixed random sampling seed: the same input gives the same transform (to ~1e-7; ITK's threads may
+    sum in another order), and the cache makes later runs read the identical one. The transform
     is cached in ``cache_dir`` (a small JSON per scan) under a hash of the input voxels, affine and
     settings, so the expensive part runs once per scan (written to a temporary file, then renamed). A registration
     whose result correlates below ``min_correlation`` with the template inside the brain is a
@@ -252,11 +255,17 @@ class RegisterToTemplate(Transform):
                     pass  # a damaged cache entry is recomputed and replaced
         tfm = _affine_transform(_lps_matrix(self._optimise(volume, affine)))
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".json.tmp", dir=path.parent)
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"lps_matrix": _lps_matrix(tfm).tolist(), "transform": self.transform}, fh)
-            os.replace(tmp, path)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(suffix=".json.tmp", dir=path.parent)
+                with os.fdopen(fd, "w") as fh:
+                    json.dump({"lps_matrix": _lps_matrix(tfm).tolist(), "transform": self.transform}, fh)
+                os.replace(tmp, path)
+            except OSError as err:  # an unwritable cache costs time, not the run
+                if not getattr(self, "_warned", False):
+                    self._warned = True
+                    warnings.warn(f"registration cache {self.cache_dir} not writable ({err.strerror}); every run "
+                                  "will register again (set PETMONAI_CACHE or template.cache_dir)")
         return tfm
 
     def _optimise(self, volume: np.ndarray, affine: np.ndarray):

@@ -75,6 +75,14 @@ def test_registration_undoes_a_known_motion_and_is_cached(tmp_path, monkeypatch)
     assert torch.equal(again, out)
 
 
+def test_an_unwritable_cache_only_costs_time(tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.warns(UserWarning, match="not writable"):
+        out = RegisterToTemplate(cache_dir=blocker / "registration")(moved_template())
+    assert tuple(out.shape) == (1, 48, 56, 48)
+
+
 def test_registration_is_reproducible_without_cache():
     img = moved_template(shift_mm=(-4.0, 3.0, -6.0), angle=-0.05)
     a = RegisterToTemplate(cache_dir=None)(img)
