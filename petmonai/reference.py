@@ -133,14 +133,14 @@ def reference_features(cfg: dict, datalist: pd.DataFrame, settings: dict | None 
 
 def _region_features(preprocess, X: np.ndarray, grid, n_regions: int) -> np.ndarray:
     """Mean of each template grey-matter parcel, per scan (rows of ``X`` are flattened volumes)."""
-    from petmonai.spatial import RegisterToTemplated, parcel_means, template_parcels
+    from petmonai.spatial import find_registration, parcel_means, template_parcels
 
-    register = next((t for t in getattr(preprocess, "transforms", []) if isinstance(t, RegisterToTemplated)), None)
+    register = find_registration(preprocess)
     if register is None:
         raise ConfigError("config key 'reference.features': regions need a config whose preprocess registers the "
                           "scans to the template (petmonai.spatial.RegisterToTemplated), e.g. "
                           "configs/experiments/register_suvr.yaml")
-    labels = template_parcels(n_regions, register.register.voxel, register.register.fwhm, grid=grid)
+    labels = template_parcels(n_regions, register.voxel, register.fwhm, grid=grid)
     return np.stack([parcel_means(row, labels) for row in X]).astype(np.float32)
 
 

@@ -27,6 +27,12 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def cache_root() -> Path:
+    """Where petmonai keeps what it can rebuild (synthetic cohorts, registrations):
+    ``$PETMONAI_CACHE``, else ``~/.cache/petmonai``."""
+    return Path(os.environ.get("PETMONAI_CACHE") or Path.home() / ".cache" / "petmonai").expanduser()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -647,8 +647,9 @@ def default_cohort_dir(seed: int = 0, **params) -> Path:
         raise TypeError(f"default_cohort_dir: unknown parameter(s) {sorted(unknown)}")
     full = _check_params(**{**defaults, **params, "seed": seed})
     digest = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:10]
-    root = os.environ.get("PETMONAI_CACHE") or Path.home() / ".cache" / "petmonai"
-    return Path(root).expanduser() / "synthetic" / f"{VERSION}-{digest}"
+    from petmonai.runs import cache_root
+
+    return cache_root() / "synthetic" / f"{VERSION}-{digest}"
 
 
 def cached_cohort(seed: int = 0, **params) -> Path:

@@ -82,7 +82,6 @@ def test_user_transform_plugs_in_from_yaml(tmp_path, monkeypatch, tiny_cohort):
         _base_: {default_config_path()}
         spacing: [8.0, 8.0, 8.0]
         spatial_size: [24, 28, 24]
-        template: {{min_correlation: 0.1}}   # the phantom at 8 mm matches the MNI template less
     """))
     cfg = load_config(config)
     cfg["preprocess"].insert(-1, {"_target_": "my_scanner.ClipHotVoxelsd", "keys": "image", "ceiling": 1.5})

@@ -167,8 +167,7 @@ def test_region_features_of_the_reference_model(tiny_cohort, tmp_path):
     from petmonai.splits import make_folds
 
     overrides = ["spacing=[8.0, 8.0, 8.0]", "spatial_size=[24, 28, 24]", "reference.preprocessing=package",
-                 "reference.features=regions", "reference.regions=16", "report.bootstrap=50",
-                 "preprocess.5.min_correlation=0.1"]  # the phantom at 8 mm matches the MNI template less (~0.22)
+                 "reference.features=regions", "reference.regions=16", "report.bootstrap=50"]
     cfg = load_config(default_config_path("experiments/register_suvr.yaml"), overrides)
     datalist = train_rows(discover(tiny_cohort))
     features = reference_features(cfg, datalist)
@@ -178,7 +177,7 @@ def test_region_features_of_the_reference_model(tiny_cohort, tmp_path):
     assert (tmp_path / "reference_regions" / "metrics.json").is_file()
     assert result["settings"]["features"] == "regions"
     with pytest.raises(ConfigError, match="RegisterToTemplated"):
-        reference_features(load_config(default_config_path("experiments/native.yaml"), overrides[:-1]), datalist)
+        reference_features(load_config(default_config_path("experiments/native.yaml"), overrides), datalist)
 
 
 def test_parcel_average_keeps_regional_uptake_only():
