@@ -213,7 +213,8 @@ class RegisterToTemplate(Transform):
     points of the scanner's world they were sampled at.
 
     Mattes mutual information, a rigid stage then an affine stage, each over two resolution levels,
-    fixed random sampling seed: the same input gives the same transform (to ~1e-7; ITK's threads may
+    every voxel of the template brain in the metric (no random sampling, so a mirrored scan finds
+    the mirrored transform): the same input gives the same transform (to ~1e-7; ITK's threads may
     sum in another order), and the cache makes later runs read the identical one. The transform
     is cached in ``cache_dir`` (a small JSON per scan) under a hash of the input voxels, affine and
     settings, so the expensive part runs once per scan (written to a temporary file, then renamed). A registration
@@ -229,12 +230,12 @@ class RegisterToTemplate(Transform):
 
     def __init__(self, voxel: float = 4.0, fwhm: float = 8.0, transform: str = "affine",
                  cache_dir: str | Path | None = "default", min_correlation: float = 0.25,
-                 iterations: int = 200, seed: int = 0):
+                 iterations: int = 200):
         if transform not in ("rigid", "affine"):
             raise ValueError(f"transform must be 'rigid' or 'affine', not {transform!r}")
         self.voxel, self.fwhm, self.transform = float(voxel), float(fwhm), transform
         self.cache_dir = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
-        self.min_correlation, self.iterations, self.seed = float(min_correlation), int(iterations), int(seed)
+        self.min_correlation, self.iterations = float(min_correlation), int(iterations)
         self.last_correlation: float | None = None
 
     @property
@@ -246,7 +247,7 @@ class RegisterToTemplate(Transform):
         h.update(np.ascontiguousarray(volume, np.float32).tobytes())
         h.update(np.asarray(affine, np.float64).round(6).tobytes())
         settings = dict(voxel=self.voxel, fwhm=self.fwhm, transform=self.transform, iterations=self.iterations,
-                        seed=self.seed, version=3)
+                        version=4)
         h.update(json.dumps(settings, sort_keys=True).encode())
         return h.hexdigest()
 
@@ -292,8 +293,9 @@ class RegisterToTemplate(Transform):
             reg = sitk.ImageRegistrationMethod()
             reg.SetNumberOfThreads(1)
             reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-            reg.SetMetricSamplingStrategy(reg.RANDOM)
-            reg.SetMetricSamplingPercentage(0.5, self.seed + 1)  # seed 0 means wall clock in ITK
+            # every voxel of the (mirror-symmetric) template mask, not a random half: no sampling
+            # noise, so a left-right mirrored scan registers to the mirrored transform
+            reg.SetMetricSamplingStrategy(reg.NONE)
             reg.SetMetricFixedMask(fixed_mask)
             reg.SetInterpolator(sitk.sitkLinear)
             reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4,
@@ -354,9 +356,9 @@ class RegisterToTemplated(MapTransform):
 
     def __init__(self, keys: KeysCollection = "image", voxel: float = 4.0, fwhm: float = 8.0,
                  transform: str = "affine", cache_dir: str | Path | None = "default", min_correlation: float = 0.25,
-                 iterations: int = 200, seed: int = 0, allow_missing_keys: bool = False):
+                 iterations: int = 200, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        self.register = RegisterToTemplate(voxel, fwhm, transform, cache_dir, min_correlation, iterations, seed)
+        self.register = RegisterToTemplate(voxel, fwhm, transform, cache_dir, min_correlation, iterations)
 
     def __call__(self, data):
         d = dict(data)
