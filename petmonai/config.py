@@ -60,6 +60,7 @@ SCHEMA: dict[str, Any] = {
         "weight_decay": _NUM,
         "val_fraction": _NUM,
         "early_stop_patience": int,
+        "keep": str,                    # best | last: which epoch's weights a fold keeps (petmonai.engine)
         "amp": bool,
         "num_workers": int,
         "prefetch_thread": (bool, str),  # auto | true | false: num_workers 0, augment in a background thread

@@ -189,7 +189,8 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
             probs = np.asarray(dist.gather_sharded(probs.tolist()), dtype=np.float64)
         preds.append(pd.DataFrame({"repeat": repeat, "fold": fold, "role": role, "scan_id": ids[role],
                                    "prob_mci": probs}))
-    best_epoch = getattr(evaluator.state, "best_metric_epoch", trainer.state.epoch) if evaluator else trainer.state.epoch
+    kept_best = evaluator is not None and str(tcfg.get("keep", "best")) == "best"
+    best_epoch = getattr(evaluator.state, "best_metric_epoch", trainer.state.epoch) if kept_best else trainer.state.epoch
     info = {
         "epochs_run": int(trainer.state.epoch),
         "best_epoch": int(best_epoch),

@@ -184,6 +184,9 @@ def build_engines(
     best checkpoint by validation AUC, early stopping, console + TensorBoard stats.
 
     ``val_loader=None`` trains without validation and keeps the final weights as the best.
+    ``train_cfg["keep"] == "last"`` also keeps the final weights (the validation AUC is still
+    logged every epoch, but chooses no checkpoint and stops nothing): with ~6 validation scans a
+    fold, the best-AUC epoch is mostly chance.
 
     Speed switches of ``train_cfg``: ``channels_last`` (the network is converted in place),
     ``compile`` (``torch.compile`` of the training network), ``amp`` (CUDA only). With several
@@ -197,6 +200,9 @@ def build_engines(
         net.to(memory_format=fmt)
     batch_fn = functools.partial(prepare_batch, memory_format=fmt)
     main = dist.is_main()
+    keep = str(train_cfg.get("keep", "best"))
+    if keep not in ("best", "last"):
+        raise ConfigError(f"config key 'train.keep': '{keep}' is not best or last")
     train_net = dist.wrap_ddp(net, device, sync_bn=bool(train_cfg.get("sync_bn", True)))
     max_epochs = int(train_cfg["max_epochs"])
     optimizer = make_optimizer(net, float(train_cfg["lr"]), float(train_cfg["weight_decay"]), device)
@@ -258,16 +264,18 @@ def build_engines(
                    TensorBoardStatsHandler(log_dir=str(tb_dir), output_transform=lambda x: None,
                                            global_epoch_transform=lambda _: trainer.state.epoch,
                                            iteration_log=False)] if main else []),
-                best_checkpoint := CheckpointSaver(
+                *([best_checkpoint := CheckpointSaver(
                     save_dir=str(fold_dir), save_dict={"model": net}, save_key_metric=True, key_metric_n_saved=1,
                     key_metric_filename=BEST_CHECKPOINT, key_metric_greater_or_equal=True),
-                early_stop := EarlyStopHandler(patience=int(train_cfg["early_stop_patience"]), trainer=trainer,
-                                               score_function=stopping_fn_from_metric("val_auc")),
+                   early_stop := EarlyStopHandler(patience=int(train_cfg["early_stop_patience"]), trainer=trainer,
+                                                  score_function=stopping_fn_from_metric("val_auc"))]
+                  if keep == "best" else []),
             ],
         )
-        evaluator._handlers_for_resume = {"early_stop": early_stop, "best_checkpoint": best_checkpoint}
+        if keep == "best":
+            evaluator._handlers_for_resume = {"early_stop": early_stop, "best_checkpoint": best_checkpoint}
         ValidationHandler(validator=evaluator, interval=1, epoch_level=True).attach(trainer)
-    else:
+    if evaluator is None or keep == "last":
         CheckpointSaver(save_dir=str(fold_dir), save_dict={"model": net}, save_final=True,
                         final_filename=BEST_CHECKPOINT).attach(trainer)
 

@@ -73,8 +73,8 @@ COMMON_DEFAULTS: dict = {
     "optimize": "auto",       # auto: on CPU in fp32, TorchScript-freeze each model for oneDNN (~2x faster,
                               # checked against the plain model, which is used if anything differs); none
     "min_extent_fraction": 0.5,  # a volume must span this fraction of the crop's extent (mm) on each axis
-    "saliency_layer": "layer3",  # Grad-CAM target layer (a module name of the network); the 3D ResNet-18's
-                                 # layer4 is 2x2x2 voxels for a 48x56x48 volume, too coarse to localise
+    "saliency_layer": "auto",    # Grad-CAM target layer (a module name of the network); auto: by model
+                                 # (SALIENCY_LAYER_BY_MODEL), else layer3
     "saliency_class": "predicted",  # predicted | MCI | NC: the class whose evidence Grad-CAM maps
 }
 
@@ -88,6 +88,14 @@ VIEW_STRATEGIES: dict[str, type] = {}
 
 DEFAULT_VIEWS_BY_MODEL: dict[str, str] = {"resnet18_3d": "sliding_window_3d"}
 """``views: auto`` picks the strategy registered for the run's model name; 3D otherwise."""
+
+
+SALIENCY_LAYER_BY_MODEL: dict[str, str] = {
+    "resnet18_3d": "layer3",        # layer4 is 2x2x2 voxels for a 48x56x48 volume, too coarse to localise
+    "resnet18_2d": "layer3",
+    "sfcn_3d": "features.block4",   # 6x7x6 voxels for a 48x56x48 volume (block5 follows the last pooling)
+}
+"""``saliency_layer: auto`` picks the Grad-CAM target layer registered for the run's model name."""
 
 
 def register_views(name: str, *model_names: str):
@@ -415,6 +423,8 @@ def resolve_options(cfg: dict, overrides: dict | None = None) -> dict:
                 raise ConfigError(f"unknown {source} key 'inference.{key}' for views '{name}'{hint}")
     options = {**defaults, **from_cfg, **overrides}
     options["views"] = name
+    if options["saliency_layer"] in (None, "auto"):
+        options["saliency_layer"] = SALIENCY_LAYER_BY_MODEL.get(str(cfg.get("model", {}).get("name", "")), "layer3")
     if int(options["batch_size"]) < 1:
         raise ConfigError("inference.batch_size must be at least 1")
     if str(options["saliency_class"]) not in ("MCI", "NC", "predicted"):
@@ -1051,7 +1061,7 @@ def _fold_out_of_fold(run: LoadedRun, model: FoldModel, folds: pd.DataFrame, ima
 
 
 __all__ = [
-    "COMMON_DEFAULTS", "VIEW_STRATEGIES", "DEFAULT_VIEWS_BY_MODEL", "ViewStrategy", "SlidingWindowFlips3D",
+    "COMMON_DEFAULTS", "VIEW_STRATEGIES", "DEFAULT_VIEWS_BY_MODEL", "SALIENCY_LAYER_BY_MODEL", "ViewStrategy", "SlidingWindowFlips3D",
     "RandomSlices2D",
     "register_views", "parse_flips", "flips_form_group", "window_starts", "resolve_options", "parse_set_overrides",
     "load_run", "load_models", "LoadedRun", "collect_inputs", "preprocess_file", "prepare_all", "predict_views",

@@ -1,0 +1,59 @@
+"""Model registry and checkpoint choice: the small SFCN, Grad-CAM layer per model, ``train.keep``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.data import DataLoader
+
+from petmonai.engine import BEST_CHECKPOINT, build_engines
+from petmonai.errors import ConfigError
+from petmonai.inference import resolve_options
+from petmonai.models import build_model, count_parameters
+
+
+def test_sfcn_is_small_and_takes_the_template_grid_and_a_crop():
+    net = build_model({"name": "sfcn_3d"})
+    assert count_parameters(net) < 1_000_000 < count_parameters(build_model({"name": "resnet18_3d"}))
+    net.eval()
+    for shape in ((48, 56, 48), (40, 48, 40), (32, 40, 32)):
+        assert net(torch.zeros(2, 1, *shape)).shape == (2, 2)
+    narrow = build_model({"name": "sfcn_3d", "channels": [8, 16, 8], "dropout": 0.0})
+    assert count_parameters(narrow) < count_parameters(net)
+
+
+def test_saliency_layer_follows_the_model():
+    assert resolve_options({"model": {"name": "sfcn_3d"}})["saliency_layer"] == "features.block4"
+    assert resolve_options({"model": {"name": "resnet18_3d"}})["saliency_layer"] == "layer3"
+    assert resolve_options({"model": {"name": "sfcn_3d"}}, {"saliency_layer": "features.block3"})[
+        "saliency_layer"] == "features.block3"
+    net = build_model({"name": "sfcn_3d"})
+    assert "features.block4" in dict(net.named_modules())
+
+
+def _train(tmp_path, keep: str, epochs: int = 4):
+    torch.manual_seed(0)
+    net = build_model({"name": "sfcn_3d", "channels": [4, 8], "dropout": 0.0})
+    g = torch.Generator().manual_seed(0)
+    data = [{"image": torch.randn(1, 8, 8, 8, generator=g), "label": i % 2} for i in range(8)]
+    # labels unrelated to the images: the validation AUC wanders, so "best" and "last" differ
+    cfg = {"max_epochs": epochs, "lr": 1e-2, "weight_decay": 0.0, "early_stop_patience": 1, "progress_bar": False,
+           "keep": keep}
+    trainer, _ = build_engines(net, DataLoader(data, batch_size=4, shuffle=True), DataLoader(data[:6], batch_size=3),
+                               tmp_path, cfg, torch.device("cpu"), progress_bar=False)
+    trainer.run()
+    saved = torch.load(tmp_path / BEST_CHECKPOINT, map_location="cpu")
+    saved = saved.get("model", saved)
+    return net, saved, trainer
+
+
+def test_keep_last_trains_every_epoch_and_keeps_the_final_weights(tmp_path):
+    net, saved, trainer = _train(tmp_path, "last")
+    assert trainer.state.epoch == 4 and len(trainer.history.rows) == 4  # no early stop despite patience 1
+    final = net.state_dict()
+    assert all(torch.equal(saved[k], final[k]) for k in final)
+
+
+def test_keep_must_be_best_or_last(tmp_path):
+    with pytest.raises(ConfigError, match="train.keep"):
+        _train(tmp_path, "final")
