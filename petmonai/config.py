@@ -61,6 +61,8 @@ SCHEMA: dict[str, Any] = {
         "val_fraction": _NUM,
         "early_stop_patience": int,
         "keep": str,                    # best | last: which epoch's weights a fold keeps (petmonai.engine)
+        "scheduler": str,               # cosine | onecycle (petmonai.engine.build_engines)
+        "train_on_val": bool,           # a fold's validation scans join its training scans (nothing validated)
         "amp": bool,
         "num_workers": int,
         "prefetch_thread": (bool, str),  # auto | true | false: num_workers 0, augment in a background thread

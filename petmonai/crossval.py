@@ -144,6 +144,8 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
     configure_backends(device, tcfg)
     augment.set_random_state(seed=seed + dist.RANK_SEED_STRIDE * dist.rank())  # rank 0: seed
     ids = {role: fold_members(folds, repeat, fold, role) for role in ("train", "val", "test")}
+    if bool(tcfg.get("train_on_val", False)):  # the same folds, every non-test scan trains; final weights kept
+        ids["train"], ids["val"] = ids["train"] + ids["val"], []
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -194,7 +196,9 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
     info = {
         "epochs_run": int(trainer.state.epoch),
         "best_epoch": int(best_epoch),
-        "best_val_auc": float(evaluator.state.best_metric) if evaluator else float("nan"),
+        # the kept epoch's validation AUC: the best one, or with keep=last the final one
+        "best_val_auc": (float(evaluator.state.best_metric) if kept_best else
+                         float(evaluator.state.metrics.get("val_auc", float("nan"))) if evaluator else float("nan")),
         "parameters": count_parameters(net),
     }
     predictions = pd.concat(preds, ignore_index=True)
@@ -305,7 +309,7 @@ def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path,
         info.update(repeat=repeat, fold=fold)
         predictions.append(info["predictions"])
         fold_info.append(info)
-        log.info("repeat %d fold %d: best epoch %d of %d, val AUC %.3f", repeat, fold, info["best_epoch"],
+        log.info("repeat %d fold %d: kept epoch %d of %d, val AUC %.3f", repeat, fold, info["best_epoch"],
                  info["epochs_run"], info["best_val_auc"])
     if not dist.is_main():  # rank 0 summarises and writes the results
         return {"metrics": None, "folds": folds, "predictions": None, "reference": None}

@@ -206,11 +206,19 @@ def build_engines(
     train_net = dist.wrap_ddp(net, device, sync_bn=bool(train_cfg.get("sync_bn", True)))
     max_epochs = int(train_cfg["max_epochs"])
     optimizer = make_optimizer(net, float(train_cfg["lr"]), float(train_cfg["weight_decay"]), device)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
+    schedule = str(train_cfg.get("scheduler", "cosine"))
+    if schedule == "cosine":  # per epoch, from lr down to 0
+        scheduler, step_per_iteration = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs), False
+    elif schedule == "onecycle":  # per step: warm up to lr over the first 30 % of steps, then anneal
+        steps = max_epochs * max(1, len(train_loader))
+        scheduler, step_per_iteration = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=optimizer.param_groups[0]["lr"],
+                                                                            total_steps=steps), True
+    else:
+        raise ConfigError(f"config key 'train.scheduler': '{schedule}' is not cosine or onecycle")
     log_name = f"{LOGGER_NAME}.engine"
     tb_dir = fold_dir / "tensorboard"
 
-    trainer_handlers = [LrScheduleHandler(lr_scheduler=scheduler, print_lr=False)]
+    trainer_handlers = [LrScheduleHandler(lr_scheduler=scheduler, print_lr=False, epoch_level=not step_per_iteration)]
     if main:
         trainer_handlers += [
             StatsHandler(name=log_name, output_transform=lambda x: None, iteration_log=False),
