@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ignite.engine import Events
 from monai.data import DataLoader
 
 from petmonai.engine import BEST_CHECKPOINT, build_engines
@@ -57,3 +58,22 @@ def test_keep_last_trains_every_epoch_and_keeps_the_final_weights(tmp_path):
 def test_keep_must_be_best_or_last(tmp_path):
     with pytest.raises(ConfigError, match="train.keep"):
         _train(tmp_path, "final")
+
+
+def test_onecycle_schedule_warms_up_then_anneals(tmp_path):
+    torch.manual_seed(0)
+    net = build_model({"name": "sfcn_3d", "channels": [4, 8], "dropout": 0.0})
+    data = [{"image": torch.randn(1, 8, 8, 8), "label": i % 2} for i in range(8)]
+    cfg = {"max_epochs": 6, "lr": 1e-2, "weight_decay": 0.0, "early_stop_patience": 10, "progress_bar": False,
+           "scheduler": "onecycle", "keep": "last"}
+    trainer, _ = build_engines(net, DataLoader(data, batch_size=4), None, tmp_path, cfg, torch.device("cpu"),
+                               progress_bar=False)
+    lrs = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: lrs.append(trainer.optimizer.param_groups[0]["lr"]))
+    trainer.run()
+    peak = lrs.index(max(lrs))
+    assert len(lrs) == 12 and 0 < peak < 11 and lrs[0] < 0.5e-2 and lrs[-1] < 1e-3
+    assert max(lrs) == pytest.approx(1e-2, rel=0.05)
+    with pytest.raises(ConfigError, match="train.scheduler"):
+        build_engines(net, DataLoader(data, batch_size=4), None, tmp_path, {**cfg, "scheduler": "step"},
+                      torch.device("cpu"), progress_bar=False)
