@@ -39,7 +39,7 @@ DEFAULT_MODELS = ("3d", "2d", REFERENCE)
 PROTOCOLS = ("subject", "site-pair")
 
 QUICK = {  # --quick: fewer epochs, smaller inputs (see README); overrides per model
-    "3d": ["spacing=[6.0,6.0,6.0]", "spatial_size=[32,40,32]", "crop_size=[28,36,28]"],
+    "3d": ["spacing=[6.0,6.0,6.0]", "spatial_size=[32,40,32]", "crop_size=[28,36,28]"],  # = the default grid since issue 8
     "2d": ["spacing=[3.2,3.2,3.2]", "spatial_size=[96,96,48]", "crop_size=[88,88]"],
     "2d-baseline": ["spacing=[3.2,3.2,3.2]", "spatial_size=[96,96,48]", "crop_size=[88,88]"],
 }

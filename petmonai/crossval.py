@@ -3,9 +3,10 @@
 >>> result = run_cross_validation(cfg, datalist, run_dir, device)
 >>> result["metrics"]["pooled"]["roc_auc"]
 
-Per fold the model trains on the ``train`` scans, picks its best epoch and stops early on the
-``val`` scans (training subjects set aside), and is then evaluated once on the ``test`` scans,
-which it never influenced.
+Per fold the model trains on the ``train`` scans; with ``train.keep: best`` it picks its best
+epoch and stops early on the ``val`` scans (training subjects set aside), with ``train.keep: last``
+it keeps its final weights (and ``train.train_on_val`` lets the ``val`` scans train too). It is
+then evaluated once on the ``test`` scans, which it never influenced.
 
 Under torchrun every process runs this same code (:mod:`petmonai.distributed`): the training
 scans of each epoch are split between the ranks, validation and test predictions are gathered,

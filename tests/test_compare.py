@@ -7,8 +7,10 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from petmonai.config import default_config_path, load_config
 from petmonai.errors import PetmonaiError
 from petmonai.metrics import paired_auc_difference
+from petmonai.models import build_model, count_parameters
 
 
 def test_paired_difference_of_a_model_with_itself_is_zero():
@@ -64,7 +66,8 @@ def test_quick_comparison_end_to_end(tiny_cohort, tmp_path, capsys):
     for name, folder in (("3D CNN", runs["3d"]), ("2D CNN", runs["2d"]), ("PCA + LR reference", runs["3d"] / "reference")):
         metrics = json.loads((folder / "metrics.json").read_text())
         assert table[name]["roc_auc"] == metrics["pooled_ci"]["roc_auc"]  # the run folder's own numbers
-    assert table["3D CNN"]["parameters"] > table["2D CNN"]["parameters"] > 0
+    for name, config in (("3D CNN", "train3d.yaml"), ("2D CNN", "train2d.yaml")):  # each run's own network
+        assert table[name]["parameters"] == count_parameters(build_model(load_config(default_config_path(config))["model"]))
     assert not (runs["2d"] / "reference").exists()  # the reference is fitted once per protocol
     diff = summary["results"]["subject"]["differences"][0]
     a = pd.read_csv(runs["3d"] / "oof_predictions.csv", dtype={"scan_id": str})

@@ -14,7 +14,11 @@ def test_default_and_demo_configs_load():
     demo = load_config(default_config_path("demo3d.yaml"))
     assert demo["cv"]["folds"] == 3 and demo["train"]["batch_size"] == cfg["train"]["batch_size"]  # merged key by key
     assert demo["preprocess"] == cfg["preprocess"]
-    assert cfg["model"]["name"] == "resnet18_3d"
+    assert cfg["model"]["name"] == "sfcn_3d" and cfg["train"]["keep"] == "last"
+    # the earlier default, the base of the experiment configs: the ResNet-18 recipe
+    resnet = load_config(default_config_path("experiments/resnet18.yaml"))
+    assert resnet["model"]["name"] == "resnet18_3d" and resnet["train"]["keep"] == "best"
+    assert resnet["preprocess"] == cfg["preprocess"]
 
 
 def test_overrides_parse_yaml_values():

@@ -86,7 +86,9 @@ def ddp_run(cohort, fast_config, tmp_path_factory):
     out, trace = base / "run", base / "trace"
     args = ["--data-root", str(cohort), "--output-dir", str(out), "--device", "cpu", "--seed", "1"]
     for o in [*fast_config, "cv.folds=2", "train.max_epochs=2", "train.batch_size=2", "train.early_stop_patience=10",
-              "train.num_workers=0", "train.keep_resume_checkpoint=true", "report.write=false", "report.reference_model=false"]:
+              "train.num_workers=0", "train.keep_resume_checkpoint=true", "report.write=false", "report.reference_model=false",
+              # validation on both ranks is under test: the default (keep=last, val scans train) validates nothing
+              "train.keep=best", "train.train_on_val=false"]:
         args += ["--set", o]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            TRACE_ENV: str(trace), "OMP_NUM_THREADS": "1"}

@@ -154,7 +154,8 @@ def test_gpu_switches_train_end_to_end_on_cpu(tiny_cohort, fast_config, tmp_path
     from petmonai.engine import load_weights
     from petmonai.models import build_model
 
-    load_weights(build_model({"name": "resnet18_3d"}), out / "fold_0" / "best_model.pt", CPU)  # plain keys
+    run_model = load_config(out / "config.yaml")["model"]  # the run's own network (the default's)
+    load_weights(build_model(run_model), out / "fold_0" / "best_model.pt", CPU)  # plain keys
 
 
 def test_cpu_allocator_option():
