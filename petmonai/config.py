@@ -29,6 +29,15 @@ REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # (transform lists, networks) checked when ConfigParser builds them.
 _NUM = (int, float)
 _OPT_STR = (str, type(None))
+
+
+class Choice:
+    """A string entry with a fixed set of values: a wrong value fails when the config loads."""
+
+    def __init__(self, *values: str):
+        self.values = values
+
+
 SCHEMA: dict[str, Any] = {
     "seed": int,
     "data": {
@@ -60,9 +69,9 @@ SCHEMA: dict[str, Any] = {
         "weight_decay": _NUM,
         "val_fraction": _NUM,
         "early_stop_patience": int,
-        "keep": str,                    # best | last: which epoch's weights a fold keeps (petmonai.engine)
-        "scheduler": str,               # cosine | onecycle (petmonai.engine.build_engines)
-        "train_on_val": bool,           # a fold's validation scans join its training scans (nothing validated)
+        "keep": Choice("best", "last"),  # which epoch's weights a fold keeps (petmonai.engine)
+        "scheduler": Choice("cosine", "onecycle"),  # petmonai.engine.build_engines
+        "train_on_val": bool,           # with keep=last, a fold's validation scans join its training scans
         "amp": bool,
         "num_workers": int,
         "prefetch_thread": (bool, str),  # auto | true | false: num_workers 0, augment in a background thread
@@ -201,6 +210,10 @@ def validate(cfg: dict, schema: dict = SCHEMA, prefix: str = "") -> None:
             validate(value, expected, f"{where}.")
         elif prefix == "" and key in FREE_FORM:
             continue
+        elif isinstance(expected, Choice):
+            if value not in expected.values:
+                raise ConfigError(f"config key '{where}': {value!r} is not a known value"
+                                  f"{_suggest(str(value), expected.values)}")
         elif not _is_instance(value, expected):
             raise ConfigError(f"config key '{where}' has the wrong type: {value!r} ({_type_names(expected)} expected)")
 

@@ -145,7 +145,8 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
     configure_backends(device, tcfg)
     augment.set_random_state(seed=seed + dist.RANK_SEED_STRIDE * dist.rank())  # rank 0: seed
     ids = {role: fold_members(folds, repeat, fold, role) for role in ("train", "val", "test")}
-    if bool(tcfg.get("train_on_val", False)):  # the same folds, every non-test scan trains; final weights kept
+    keep_best = str(tcfg.get("keep", "best")) == "best"
+    if bool(tcfg.get("train_on_val", False)) and not keep_best:  # nothing needs them: the val scans train too
         ids["train"], ids["val"] = ids["train"] + ids["val"], []
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -192,14 +193,17 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
             probs = np.asarray(dist.gather_sharded(probs.tolist()), dtype=np.float64)
         preds.append(pd.DataFrame({"repeat": repeat, "fold": fold, "role": role, "scan_id": ids[role],
                                    "prob_mci": probs}))
-    kept_best = evaluator is not None and str(tcfg.get("keep", "best")) == "best"
-    best_epoch = getattr(evaluator.state, "best_metric_epoch", trainer.state.epoch) if kept_best else trainer.state.epoch
+    # the kept epoch and its validation AUC: the best one, or (keep=last) the final one
+    kept_epoch, kept_auc = trainer.state.epoch, float("nan")
+    if evaluator is not None and keep_best:
+        kept_epoch = getattr(evaluator.state, "best_metric_epoch", kept_epoch)
+        kept_auc = float(evaluator.state.best_metric)
+    elif evaluator is not None:
+        kept_auc = float(evaluator.state.metrics.get("val_auc", float("nan")))
     info = {
         "epochs_run": int(trainer.state.epoch),
-        "best_epoch": int(best_epoch),
-        # the kept epoch's validation AUC: the best one, or with keep=last the final one
-        "best_val_auc": (float(evaluator.state.best_metric) if kept_best else
-                         float(evaluator.state.metrics.get("val_auc", float("nan"))) if evaluator else float("nan")),
+        "best_epoch": int(kept_epoch),
+        "best_val_auc": kept_auc,
         "parameters": count_parameters(net),
     }
     predictions = pd.concat(preds, ignore_index=True)

@@ -93,7 +93,7 @@ DEFAULT_VIEWS_BY_MODEL: dict[str, str] = {"resnet18_3d": "sliding_window_3d"}
 SALIENCY_LAYER_BY_MODEL: dict[str, str] = {
     "resnet18_3d": "layer3",        # layer4 is 2x2x2 voxels for a 48x56x48 volume, too coarse to localise
     "resnet18_2d": "layer3",
-    "sfcn_3d": "features.block4",   # 6x7x6 voxels for a 48x56x48 volume (block5 follows the last pooling)
+    "sfcn_3d": "features.block4",   # 4x5x4 voxels on the default 32x40x32 grid (6x7x6 at 4 mm); block5 is coarser
 }
 """``saliency_layer: auto`` picks the Grad-CAM target layer registered for the run's model name."""
 

@@ -10,7 +10,7 @@ flipped back). Each map is scaled to a maximum of 1 and the maps are averaged ov
 models. The target layer (``inference.saliency_layer``) is chosen by model
 (``inference.SALIENCY_LAYER_BY_MODEL``): ``layer3`` of the MONAI ResNet (its ``layer4`` has only
 2x2x2 voxels for the 48x56x48 training volume, which gives a nearly uniform map) and
-``features.block4`` of the small SFCN (6x7x6 voxels).
+``features.block4`` of the small SFCN (4x5x4 voxels on the default 6 mm grid).
 
 The mean map lives on the preprocessed grid (4 mm, cropped to the brain); it is resampled
 (trilinear) onto the voxel grid of the input file through the affines of both grids, so

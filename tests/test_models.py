@@ -8,6 +8,7 @@ from ignite.engine import Events
 from monai.data import DataLoader
 
 from petmonai.engine import BEST_CHECKPOINT, build_engines
+from petmonai.config import load_config
 from petmonai.errors import ConfigError
 from petmonai.inference import resolve_options
 from petmonai.models import build_model, count_parameters
@@ -32,16 +33,23 @@ def test_saliency_layer_follows_the_model():
     assert "features.block4" in dict(net.named_modules())
 
 
-def _train(tmp_path, keep: str, epochs: int = 4):
+def _engines(tmp_path, validate: bool = True, **options):
+    """A tiny SFCN and its engines on 8 random volumes whose labels are unrelated to the images
+    (so the validation AUC wanders and "best" and "last" differ)."""
     torch.manual_seed(0)
     net = build_model({"name": "sfcn_3d", "channels": [4, 8], "dropout": 0.0})
     g = torch.Generator().manual_seed(0)
     data = [{"image": torch.randn(1, 8, 8, 8, generator=g), "label": i % 2} for i in range(8)]
-    # labels unrelated to the images: the validation AUC wanders, so "best" and "last" differ
-    cfg = {"max_epochs": epochs, "lr": 1e-2, "weight_decay": 0.0, "early_stop_patience": 1, "progress_bar": False,
-           "keep": keep}
-    trainer, _ = build_engines(net, DataLoader(data, batch_size=4, shuffle=True), DataLoader(data[:6], batch_size=3),
+    cfg = {"max_epochs": 4, "lr": 1e-2, "weight_decay": 0.0, "early_stop_patience": 1, "progress_bar": False,
+           **options}
+    trainer, _ = build_engines(net, DataLoader(data, batch_size=4, shuffle=True),
+                               DataLoader(data[:6], batch_size=3) if validate else None,
                                tmp_path, cfg, torch.device("cpu"), progress_bar=False)
+    return net, trainer
+
+
+def _train(tmp_path, keep: str):
+    net, trainer = _engines(tmp_path, keep=keep)
     trainer.run()
     saved = torch.load(tmp_path / BEST_CHECKPOINT, map_location="cpu")
     saved = saved.get("model", saved)
@@ -61,13 +69,7 @@ def test_keep_must_be_best_or_last(tmp_path):
 
 
 def test_onecycle_schedule_warms_up_then_anneals(tmp_path):
-    torch.manual_seed(0)
-    net = build_model({"name": "sfcn_3d", "channels": [4, 8], "dropout": 0.0})
-    data = [{"image": torch.randn(1, 8, 8, 8), "label": i % 2} for i in range(8)]
-    cfg = {"max_epochs": 6, "lr": 1e-2, "weight_decay": 0.0, "early_stop_patience": 10, "progress_bar": False,
-           "scheduler": "onecycle", "keep": "last"}
-    trainer, _ = build_engines(net, DataLoader(data, batch_size=4), None, tmp_path, cfg, torch.device("cpu"),
-                               progress_bar=False)
+    net, trainer = _engines(tmp_path, validate=False, max_epochs=6, scheduler="onecycle", keep="last")
     lrs = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: lrs.append(trainer.optimizer.param_groups[0]["lr"]))
     trainer.run()
@@ -75,5 +77,10 @@ def test_onecycle_schedule_warms_up_then_anneals(tmp_path):
     assert len(lrs) == 12 and 0 < peak < 11 and lrs[0] < 0.5e-2 and lrs[-1] < 1e-3
     assert max(lrs) == pytest.approx(1e-2, rel=0.05)
     with pytest.raises(ConfigError, match="train.scheduler"):
-        build_engines(net, DataLoader(data, batch_size=4), None, tmp_path, {**cfg, "scheduler": "step"},
-                      torch.device("cpu"), progress_bar=False)
+        _engines(tmp_path, scheduler="step")
+
+
+def test_unknown_keep_or_scheduler_fails_when_the_config_loads():
+    for override in ("train.keep=final", "train.scheduler=onecylce"):
+        with pytest.raises(ConfigError, match=override.split("=")[0]):
+            load_config(overrides=[override])
