@@ -75,7 +75,8 @@ def train3d_main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="train3d.py",
-        description="Train and cross-validate the 3D ResNet-18 (NC vs MCI) on brain FDG-PET. "
+        description="Train and cross-validate the 3D CNN of the config (default: the small 3D SFCN of "
+                    "configs/train3d.yaml), NC vs MCI on brain FDG-PET. "
                     "Without --data-root it runs a demo on a generated SYNTHETIC phantom cohort.")
     add_training_options(parser)
     args = parser.parse_args(argv)
@@ -112,7 +113,7 @@ def compare_main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="compare_2d_3d.py",
-        description="Train the 2D 50-slice ResNet-18, the 3D ResNet-18 and the PCA + LR reference on identical "
+        description="Train the 2D 50-slice ResNet-18, the default 3D CNN and the PCA + LR reference on identical "
                     "folds with the same epoch budget; write comparison.md, comparison.png, comparison.json.")
     parser.add_argument("--data-root", default=None, help="real data (default: the synthetic demo cohort)")
     parser.add_argument("--cv", nargs="+", choices=PROTOCOLS, default=["subject"], help="protocol(s), e.g. subject site-pair")

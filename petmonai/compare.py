@@ -1,4 +1,4 @@
-"""2D 50-slice ResNet-18 vs 3D ResNet-18 (and the PCA + LR reference) on identical folds.
+"""2D 50-slice ResNet-18 vs the default 3D CNN (configs/train3d.yaml; and the PCA + LR reference) on identical folds.
 
 >>> summary = compare(data_root, out_dir, protocols=["subject"], models=["3d", "2d", "reference"])
 

@@ -52,6 +52,7 @@ SCHEMA: dict[str, Any] = {
         "repeats": int,
         "folds_file": _OPT_STR,
         "allow_leaky": bool,
+        "test_views": Choice("evaluator", "inference"),  # how held-out scans are scored (petmonai.crossval)
     },
     "spacing": list,
     "template": {                 # spatial normalisation (petmonai.spatial.RegisterToTemplated)

@@ -123,6 +123,19 @@ def training_dataset(cache: VolumeCache, scan_ids, augment, device: torch.device
     return Dataset(_DeviceView(cache, scan_ids, device), transform=augment)
 
 
+def test_view_scorer(cfg: dict, device: torch.device):
+    """``cv.test_views``: ``evaluator`` (default) scores a held-out scan once, as the training
+    evaluator sees it (the whole cached volume; 2D: the ``evaluate`` slices); ``inference`` scores it
+    with the prediction views of ``predict.py`` (:class:`petmonai.inference.HeldOutViews`), so
+    out-of-fold metrics describe the predictor users run, one fold model at a time."""
+    mode = str(cfg["cv"].get("test_views", "evaluator"))
+    if mode == "evaluator":
+        return None
+    from petmonai.inference import HeldOutViews
+
+    return HeldOutViews(cfg, device, amp=bool(cfg["train"].get("amp", True)))
+
+
 def _finished_fold(out_dir: Path) -> dict | None:
     if (out_dir / FOLD_PREDICTIONS).is_file() and (out_dir / FOLD_RESULT).is_file():
         return json.loads((out_dir / FOLD_RESULT).read_text())
@@ -183,12 +196,17 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
     if trace is not None:
         trace.record("best", digest=dist.state_digest(net))
     preds, fmt = [], memory_format(device, tcfg, spatial_dims(net))
+    held_out_views = test_view_scorer(cfg, device)
     for role in ("test", "val"):
         if not ids[role]:
             continue
-        loader = make_loader(cache.subset(dist.shard(ids[role]), evaluate), bs, False, 0, device)  # this rank's share
-        # float64 so that predictions read back from predictions.csv (resume) are bit-identical
-        probs = predict_probabilities(net, loader, device, bool(tcfg.get("amp", True)), fmt).astype(np.float64)
+        share = dist.shard(ids[role])  # this rank's share
+        if held_out_views is not None:  # predict.py's views (windows x flips), by this fold's network
+            probs = held_out_views(net, {sid: cache[sid]["image"] for sid in share})
+        else:
+            loader = make_loader(cache.subset(share, evaluate), bs, False, 0, device)
+            # float64 so that predictions read back from predictions.csv (resume) are bit-identical
+            probs = predict_probabilities(net, loader, device, bool(tcfg.get("amp", True)), fmt).astype(np.float64)
         if dist.world_size() > 1:
             probs = np.asarray(dist.gather_sharded(probs.tolist()), dtype=np.float64)
         preds.append(pd.DataFrame({"repeat": repeat, "fold": fold, "role": role, "scan_id": ids[role],
@@ -323,6 +341,9 @@ def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path,
     rcfg = cfg.get("report") or {}
     n_boot, threshold = int(rcfg.get("bootstrap", 2000)), cfg["train"]["threshold"]
     metrics = summarise(preds, train, protocol, threshold, fold_info, n_boot=n_boot, seed=int(cfg["seed"]))
+    scorer = test_view_scorer(cfg, device)
+    metrics["test_views"] = ({"mode": "inference", **scorer.describe(cache[cache.scan_ids[0]]["image"].shape)}
+                             if scorer is not None else {"mode": "evaluator"})
     test_preds = scored_predictions(preds[preds["role"] == "test"], metrics).merge(
         train[["scan_id", "uuid", "image", "subject", "site", "label", "class_name"]], on="scan_id")
     atomic_write_csv(run_dir / "oof_predictions.csv", test_preds.drop(columns=["role"]))

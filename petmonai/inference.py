@@ -817,6 +817,23 @@ def prepare_all(files: Sequence[InputFile], run: LoadedRun, skip_bad: bool) -> t
 
 
 @torch.no_grad()
+def network_view_probabilities(net: torch.nn.Module, views: torch.Tensor, device: torch.device, batch_size: int,
+                               amp: bool = False, amp_dtype: torch.dtype | None = None,
+                               channels_last: bool = False) -> np.ndarray:
+    """P(MCI) of one network for every view of a batch ``(N, C, ...)``, ``batch_size`` views a pass."""
+    out = np.empty(len(views), dtype=np.float64)
+    for start in range(0, len(views), batch_size):
+        batch = views[start:start + batch_size].to(device, non_blocking=True)
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last_3d)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            logits = net(batch)
+        if logits.ndim != 2 or logits.shape[1] != len(CLASS_NAMES):
+            raise PetmonaiError(f"model output of shape {tuple(logits.shape)}: expected (batch, {len(CLASS_NAMES)})")
+        out[start:start + len(batch)] = torch.softmax(logits.float(), dim=1)[:, MCI_INDEX].cpu().numpy()
+    return out
+
+
 def predict_views(run: LoadedRun, volume: torch.Tensor, seed: int = 0) -> np.ndarray:
     """P(MCI) of every (model, view) pair for one preprocessed volume: shape ``(n_models, n_views)``."""
     rng = np.random.default_rng(seed)
@@ -825,16 +842,43 @@ def predict_views(run: LoadedRun, volume: torch.Tensor, seed: int = 0) -> np.nda
     out = np.empty((len(run.models), len(views)), dtype=np.float64)
     for m, model in enumerate(run.models):
         channels_last = views.ndim == 5 and run.device.type == "cpu" and model.fast is None
-        for start in range(0, len(views), batch_size):
-            batch = views[start:start + batch_size].to(run.device, non_blocking=True)
-            if channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last_3d)
-            with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp):
-                logits = model.predictor(batch)
-            if logits.ndim != 2 or logits.shape[1] != len(CLASS_NAMES):
-                raise PetmonaiError(f"model output of shape {tuple(logits.shape)}: expected (batch, {len(CLASS_NAMES)})")
-            out[m, start:start + len(batch)] = torch.softmax(logits.float(), dim=1)[:, MCI_INDEX].cpu().numpy()
+        out[m] = network_view_probabilities(model.predictor, views, run.device, batch_size, run.amp, run.amp_dtype,
+                                            channels_last)
     return out
+
+
+class HeldOutViews:
+    """Scores a fold's held-out scans the way ``predict.py`` scores new ones: the mean P(MCI) over
+    the run config's prediction views (``inference:`` section; e.g. sliding windows of the crop
+    size x left-right flips), by that fold's network alone. Cross-validation uses it with
+    ``cv.test_views: inference``, so its out-of-fold metrics describe the predictor users run.
+
+    >>> scorer = HeldOutViews(cfg, torch.device("cpu"), amp=False)
+    >>> scorer(net, {"scan_7": volume})      # -> array([0.83])
+    """
+
+    def __init__(self, cfg: dict, device: torch.device, amp: bool = True):
+        self.options = resolve_options(cfg)
+        self.strategy = VIEW_STRATEGIES[self.options["views"]](cfg, self.options)
+        self.device = device
+        _, self.amp, self.amp_dtype = inference_device({**self.options, "device": device.type,
+                                                        "amp": self.options["amp"] if amp else False})
+
+    def describe(self, volume_shape: Sequence[int] | None = None) -> dict:
+        return self.strategy.describe(volume_shape)
+
+    @torch.no_grad()
+    def __call__(self, net: torch.nn.Module, volumes: dict) -> np.ndarray:
+        was_training = net.training
+        net.eval()
+        out = []
+        for scan_id, volume in volumes.items():
+            # seeded by the scan, as predict_out_of_fold: random view strategies repeat their views
+            views = self.strategy.views(torch.as_tensor(volume), np.random.default_rng(zlib.crc32(scan_id.encode())))
+            out.append(network_view_probabilities(net, views, self.device, int(self.options["batch_size"]),
+                                                  self.amp, self.amp_dtype).mean())
+        net.train(was_training)
+        return np.asarray(out, dtype=np.float64)
 
 
 def summarise_views(probs: np.ndarray) -> dict:
@@ -1065,6 +1109,7 @@ __all__ = [
     "RandomSlices2D",
     "register_views", "parse_flips", "flips_form_group", "window_starts", "resolve_options", "parse_set_overrides",
     "load_run", "load_models", "LoadedRun", "collect_inputs", "preprocess_file", "prepare_all", "predict_views",
+    "network_view_probabilities", "HeldOutViews",
     "summarise_views", "predict", "PredictionResult", "check_submission_text", "predict_out_of_fold",
     "apply_tracking_affine", "sha256_file",
 ]

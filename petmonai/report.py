@@ -466,6 +466,15 @@ def _protocol_section(protocol: str, cnn: dict, folds: pd.DataFrame | None, conf
         lines += [f"Scans per fold: {', '.join(parts)} (train fits the weights; val = training subjects set aside "
                   "for choosing the epoch; test = the held-out scans scored below). Fold assignments: `folds.csv` "
                   "(reuse with `--folds-file` to compare models on identical folds).", ""]
+    views = m.get("test_views") or {"mode": "evaluator"}
+    if views.get("mode") == "inference":
+        detail = f" ({views['n_windows']} windows x {views['n_flips']} flips)" if "n_windows" in views else ""
+        lines += [f"Each held-out scan is scored as `predict.py` scores a new one (`cv.test_views: inference`): the "
+                  f"mean P(MCI) over {views.get('n_views', '?')} `{views.get('views')}` views{detail}, by its fold's "
+                  "model alone.", ""]
+    else:
+        lines += ["Each held-out scan is scored once, as the training evaluator sees it (`cv.test_views: evaluator`; "
+                  "`predict.py` averages its prediction views instead).", ""]
     lines += [f"Decision threshold: {_threshold_text(m)}.", ""]
     lines += ["**Which number to quote.** " + {
         "subject": "The pooled out-of-fold ROC AUC with its 95% CI, *together with* the site-pair figure of the "

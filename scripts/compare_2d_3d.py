@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Compare the 2D 50-slice ResNet-18 with the 3D ResNet-18 (and the reference) on identical folds.
+"""Compare the 2D 50-slice ResNet-18 with the default 3D CNN (and the reference) on identical folds.
 
     python scripts/compare_2d_3d.py --data-root ../shared/data/pet2023 --cv subject site-pair
     python scripts/compare_2d_3d.py --data-root ../shared/data/pet2023 --quick      # minutes

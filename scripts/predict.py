@@ -47,7 +47,7 @@ def parse_args(argv=None):
                    help="auto: autocast on CUDA, fp32 on CPU; true: also bf16 on a CPU that has it; false: fp32")
     g.add_argument("--saliency-class", choices=["MCI", "NC", "predicted"], default=None,
                    help="class whose evidence Grad-CAM maps (default: the predicted label)")
-    g.add_argument("--saliency-layer", default=None, help="Grad-CAM target layer (default layer3; layer4 of the 3D ResNet-18 is 2x2x2 voxels)")
+    g.add_argument("--saliency-layer", default=None, help="Grad-CAM target layer (default: by model, features.block4 of the 3D SFCN, layer3 of a ResNet)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="inference.KEY=VALUE",
                    help="any inference option, e.g. --set inference.workers=1 (repeatable)")
     return p.parse_args(argv)

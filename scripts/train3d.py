@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train and cross-validate the 3D ResNet-18 on brain FDG-PET (NC vs MCI).
+"""Train and cross-validate the 3D CNN of configs/train3d.yaml on brain FDG-PET (NC vs MCI).
 
     python scripts/train3d.py                                   # demo on a synthetic cohort
     python scripts/train3d.py --data-root ../shared/data/pet2023 --output-dir runs/real

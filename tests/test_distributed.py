@@ -88,7 +88,8 @@ def ddp_run(cohort, fast_config, tmp_path_factory):
     for o in [*fast_config, "cv.folds=2", "train.max_epochs=2", "train.batch_size=2", "train.early_stop_patience=10",
               "train.num_workers=0", "train.keep_resume_checkpoint=true", "report.write=false", "report.reference_model=false",
               # validation on both ranks is under test: the default (keep=last, val scans train) validates nothing
-              "train.keep=best", "train.train_on_val=false"]:
+              "train.keep=best", "train.train_on_val=false",
+              "cv.test_views=evaluator"]:  # the val predictions are compared with the evaluator's below
         args += ["--set", o]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            TRACE_ENV: str(trace), "OMP_NUM_THREADS": "1"}

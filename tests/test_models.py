@@ -81,6 +81,6 @@ def test_onecycle_schedule_warms_up_then_anneals(tmp_path):
 
 
 def test_unknown_keep_or_scheduler_fails_when_the_config_loads():
-    for override in ("train.keep=final", "train.scheduler=onecylce"):
+    for override in ("train.keep=final", "train.scheduler=onecylce", "cv.test_views=windows"):
         with pytest.raises(ConfigError, match=override.split("=")[0]):
             load_config(overrides=[override])

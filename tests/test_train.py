@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -42,6 +43,21 @@ def test_run_folder_contents(tiny_run):
     assert set(oof["pred_label"]) <= {"NC", "MCI"}
     history = pd.read_csv(tiny_run / "fold_0" / "history.csv")
     assert list(history["epoch"]) == [1, 2]
+
+
+def test_out_of_fold_scores_are_the_prediction_views(tiny_run):
+    """cv.test_views: inference (the default): a held-out scan's out-of-fold P(MCI) is the mean over
+    predict.py's views (windows x left-right flips) with its fold's model alone."""
+    from petmonai.inference import predict_out_of_fold
+
+    views = json.loads((tiny_run / "metrics.json").read_text())["test_views"]
+    assert views["mode"] == "inference" and views["n_flips"] == 2 and views["n_views"] == 2 * views["n_windows"] > 2
+    oof = pd.read_csv(tiny_run / "oof_predictions.csv", dtype={"scan_id": str}).set_index("scan_id")
+    again = predict_out_of_fold(tiny_run, {"threads": 1, "optimize": "none"}, progress=False)
+    means = again.set_index("scan_id")["probs"].apply(np.mean)
+    assert len(means) == len(oof)
+    np.testing.assert_allclose(oof.loc[means.index, "prob_mci"], means, atol=1e-5)
+    assert "as `predict.py` scores a new one" in (tiny_run / "report.md").read_text()
 
 
 def test_folds_are_subject_grouped(tiny_run):
