@@ -16,6 +16,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -80,16 +81,11 @@ def cohort(tmp_path_factory) -> Path:
     return generate_cohort(tmp_path_factory.mktemp("ddp") / "pet", n_nc=12, n_mci=12, n_test=2, seed=5)
 
 
-@pytest.fixture(scope="module")
-def ddp_run(cohort, fast_config, tmp_path_factory):
-    base = tmp_path_factory.mktemp("ddp_run")
+def _torchrun(cohort: Path, base: Path, overrides: list[str]) -> dict:
+    """Train on ``cohort`` with 2 CPU processes; the run folder, every rank's trace events and the folds."""
     out, trace = base / "run", base / "trace"
     args = ["--data-root", str(cohort), "--output-dir", str(out), "--device", "cpu", "--seed", "1"]
-    for o in [*fast_config, "cv.folds=2", "train.max_epochs=2", "train.batch_size=2", "train.early_stop_patience=10",
-              "train.num_workers=0", "train.keep_resume_checkpoint=true", "report.write=false", "report.reference_model=false",
-              # validation on both ranks is under test: the default (keep=last, val scans train) validates nothing
-              "train.keep=best", "train.train_on_val=false",
-              "cv.test_views=evaluator"]:  # the val predictions are compared with the evaluator's below
+    for o in overrides:
         args += ["--set", o]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            TRACE_ENV: str(trace), "OMP_NUM_THREADS": "1"}
@@ -110,6 +106,26 @@ def ddp_run(cohort, fast_config, tmp_path_factory):
             events[e["event"]].append(e)
     folds = pd.read_csv(out / "folds.csv", dtype={"scan_id": str})
     return {"out": out, "events": events, "folds": folds, "log": proc.stdout + proc.stderr}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(cohort, fast_config, tmp_path_factory):
+    return _torchrun(cohort, tmp_path_factory.mktemp("ddp_run"), [
+        *fast_config, "cv.folds=2", "train.max_epochs=2", "train.batch_size=2", "train.early_stop_patience=10",
+        "train.num_workers=0", "train.keep_resume_checkpoint=true", "report.write=false",
+        "report.reference_model=false",
+        # validation on both ranks is under test: the default (keep=last, val scans train) validates nothing
+        "train.keep=best", "train.train_on_val=false",
+        "cv.test_views=evaluator"])  # the val predictions are compared with the evaluator's below
+
+
+@pytest.fixture(scope="module")
+def ddp_default_run(cohort, fast_config, tmp_path_factory):
+    """The default recipe: the last epoch kept, validation scans train, held-out scans scored with
+    predict.py's views, each rank scoring its share."""
+    return _torchrun(cohort, tmp_path_factory.mktemp("ddp_default"), [
+        *fast_config, "cv.folds=2", "train.max_epochs=2", "train.batch_size=2", "report.write=false",
+        "report.reference_model=false"])
 
 
 def _by(events, *keys):
@@ -199,3 +215,42 @@ def test_only_rank_zero_writes(ddp_run):
     state = torch.load(out / "fold_0" / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert len(state["rank_rng"]) == 2  # every rank's random states, for an exact resume
     assert not any(k.startswith("module.") for k in state["model"])  # the plain model, not the DDP wrapper
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_default_recipe_on_two_ranks(ddp_default_run):
+    """keep=last with train_on_val: both ranks train on train + val scans and end with identical
+    weights; the held-out scores, each rank scoring its share with the prediction views, come back
+    in order and equal one process scoring the saved model."""
+    from petmonai.config import load_config
+    from petmonai.crossval import build_cache, test_view_scorer
+    from petmonai.data import train_rows
+    from petmonai.engine import load_weights
+    from petmonai.models import build_model
+    from petmonai.transforms import build_pipelines
+
+    out, folds = ddp_default_run["out"], ddp_default_run["folds"]
+    batches = defaultdict(list)
+    for e in ddp_default_run["events"]["train_batch"]:
+        batches[(e["fold"], e["epoch"])] += e["scan_ids"]
+    assert sorted(batches) == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    for (fold, epoch), seen in batches.items():
+        assert sorted(seen) == sorted(_members(folds, fold, "train") + _members(folds, fold, "val")), (fold, epoch)
+    final = _by(ddp_default_run["events"]["best"], "fold")
+    assert sorted(final) == [(0,), (1,)]
+    for fold, ranks in final.items():
+        assert ranks[0]["digest"] == ranks[1]["digest"], f"fold {fold}: final weights differ between ranks"
+
+    cfg = load_config(out / "config.yaml")
+    datalist = pd.read_csv(out / "datalist.csv", dtype={"scan_id": str})
+    cache = build_cache(cfg, train_rows(datalist), build_pipelines(cfg)[0])
+    scorer = test_view_scorer(cfg, torch.device("cpu"))
+    assert scorer is not None  # the default scores held-out scans with the prediction views
+    for fold in (0, 1):
+        preds = pd.read_csv(out / f"fold_{fold}" / "predictions.csv", dtype={"scan_id": str})
+        assert set(preds["role"]) == {"test"} and sorted(preds["scan_id"]) == _members(folds, fold, "test")
+        net = build_model(cfg["model"], cfg)
+        load_weights(net, out / f"fold_{fold}" / "best_model.pt", torch.device("cpu"))
+        again = scorer(net, {sid: cache[sid]["image"] for sid in preds["scan_id"]})
+        np.testing.assert_allclose(preds["prob_mci"], again, atol=1e-5)
