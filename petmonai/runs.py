@@ -80,9 +80,33 @@ def prepare_run_dir(path: str | Path | None, prefix: str = "train3d", overwrite:
         if not overwrite:
             raise PetmonaiError(f"{path}: run folder exists and is not empty; pass --overwrite to replace it "
                                 "or --output-dir to choose another")
-        shutil.rmtree(path)
+        # set aside, not deleted: if the new run stops on a user error before it starts, it comes back
+        backup = replaced_run_path(path)
+        if backup.exists():
+            shutil.rmtree(backup)
+        path.rename(backup)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def replaced_run_path(path: str | Path) -> Path:
+    """Where ``--overwrite`` keeps the earlier run folder until the new run has finished."""
+    path = Path(path)
+    return path.parent / f".{path.name}.replaced"
+
+
+def settle_replaced_run(path: str | Path, restore: bool) -> bool:
+    """The earlier run that ``--overwrite`` set aside: put back (``restore``, after a new run that
+    never started) or deleted (after a finished one). True when there was one."""
+    path, backup = Path(path), replaced_run_path(path)
+    if not backup.exists():
+        return False
+    if restore:
+        shutil.rmtree(path, ignore_errors=True)
+        backup.rename(path)
+    else:
+        shutil.rmtree(backup, ignore_errors=True)
+    return True
 
 
 def git_commit() -> str | None:

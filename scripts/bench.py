@@ -26,7 +26,7 @@ Load average (1, 5, 15 min) at the start: {r.get('load_before', 'n/a')}, at the 
 Every ratio below is measured within one run, so the machine's noise largely cancels; absolute
 rates (volumes/s) are only comparable between runs on an equally loaded machine.
 
-## Training (3D ResNet-18, default config)
+## Training ({r.get('model', 'model')}, `{r.get('config', 'the default config')}`)
 
 | figure | value | target |
 |---|---|---|
@@ -113,6 +113,9 @@ def main(argv=None) -> int:
     load_before = tuple(round(x, 2) for x in os.getloadavg())
     results = benchmark_training(cfg, discover(root), resolve_device(args.device), epochs=args.epochs)
     results["load_before"], results["load_after"] = load_before, tuple(round(x, 2) for x in os.getloadavg())
+    model = cfg["model"]
+    results["model"] = str(model.get("name") or model.get("_target_"))
+    results["config"] = os.path.relpath(args.config) if Path(args.config).is_absolute() else str(args.config)
     command = "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     atomic_write_text(args.output, render(results, command))
     atomic_write_text(args.output.with_suffix(".json"), json.dumps(results, indent=2) + "\n")

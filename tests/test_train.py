@@ -75,6 +75,26 @@ def test_existing_run_not_overwritten(tiny_run, tiny_cohort, capsys):
     assert (tiny_run / "metrics.json").is_file()
 
 
+def test_overwrite_keeps_the_earlier_run_until_the_new_one_finishes(tiny_cohort, fast_config, tmp_path, capsys):
+    from petmonai.runs import replaced_run_path
+
+    run, empty = tmp_path / "run", tmp_path / "no_scans"
+    run.mkdir()
+    empty.mkdir()
+    (run / "metrics.json").write_text("{}")  # an earlier run
+    code = train3d_main(["--data-root", str(empty), "--output-dir", str(run), "--overwrite", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 2 and "Traceback" not in captured.err
+    assert "back as it was" in captured.out + captured.err  # the new run failed after setting the old one aside
+    assert (run / "metrics.json").read_text() == "{}" and not replaced_run_path(run).exists()
+    args = ["--data-root", str(tiny_cohort), "--output-dir", str(run), "--overwrite", "--device", "cpu"]
+    for o in [*fast_config, "train.max_epochs=1", "report.reference_model=false"]:
+        args += ["--set", o]
+    assert train3d_main(args) == 0
+    assert json.loads((run / "metrics.json").read_text())["protocol"] == "subject"
+    assert not replaced_run_path(run).exists()
+
+
 def test_bad_option_is_one_line_error(tiny_cohort, tmp_path, capsys):
     code = train3d_main(["--data-root", str(tiny_cohort), "--output-dir", str(tmp_path / "x"),
                          "--set", "train.nonsense=1"])
