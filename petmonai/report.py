@@ -81,6 +81,18 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
         raise PetmonaiError(f"{path}: cannot read ({err})") from None
 
 
+def _read_config(path: Path) -> dict | None:
+    """The run's resolved ``config.yaml`` (plain YAML), or None."""
+    if not path.is_file():
+        return None
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise PetmonaiError(f"{path}: cannot read ({err})") from None
+
+
 def _load_model(folder: Path, name: str, recompute: bool, n_boot: int | None,
                 datalist: pd.DataFrame | None = None) -> dict | None:
     """Metrics and scored test predictions of one model (CNN: the run folder; reference: reference/).
@@ -463,8 +475,12 @@ def _protocol_section(protocol: str, cnn: dict, folds: pd.DataFrame | None, conf
         sizes = folds.groupby(["repeat", "fold", "role"]).size().unstack(fill_value=0)
         parts = [f"{role} {int(sizes[role].min())}-{int(sizes[role].max())}" for role in ("train", "val", "test")
                  if role in sizes]
-        lines += [f"Scans per fold: {', '.join(parts)} (train fits the weights; val = training subjects set aside "
-                  "for choosing the epoch; test = the held-out scans scored below). Fold assignments: `folds.csv` "
+        tcfg = (config or {}).get("train") or {}
+        val_role = ("training subjects that train too (`train.keep: last` with `train.train_on_val`: no epoch is "
+                    "chosen, the last one is kept)" if tcfg.get("keep") == "last" and tcfg.get("train_on_val")
+                    else "training subjects set aside for choosing the epoch")
+        lines += [f"Scans per fold: {', '.join(parts)} (train fits the weights; val = {val_role}; test = the "
+                  "held-out scans scored below). Fold assignments: `folds.csv` "
                   "(reuse with `--folds-file` to compare models on identical folds).", ""]
     views = m.get("test_views") or {"mode": "evaluator"}
     if views.get("mode") == "inference":
@@ -650,7 +666,7 @@ def build_report(run_dir: str | Path, recompute: bool = False, n_boot: int | Non
         lines[-1] += f" {REFERENCE_NAME}: {reference['metrics']['headline']['text']}."
     lines.append("")
     lines += _audit_section(audit)
-    lines += _protocol_section(protocol, cnn, folds, None)
+    lines += _protocol_section(protocol, cnn, folds, _read_config(run_dir / "config.yaml"))
     lines += _results_section(protocol, models)
     lines += ["## Figures", ""]
     captions = {

@@ -57,7 +57,9 @@ def test_out_of_fold_scores_are_the_prediction_views(tiny_run):
     means = again.set_index("scan_id")["probs"].apply(np.mean)
     assert len(means) == len(oof)
     np.testing.assert_allclose(oof.loc[means.index, "prob_mci"], means, atol=1e-5)
-    assert "as `predict.py` scores a new one" in (tiny_run / "report.md").read_text()
+    report = (tiny_run / "report.md").read_text()
+    assert "as `predict.py` scores a new one" in report
+    assert "val = training subjects that train too" in report  # keep=last + train_on_val: no epoch chosen
 
 
 def test_folds_are_subject_grouped(tiny_run):
