@@ -80,7 +80,7 @@ COMMON_DEFAULTS: dict = {
 
 
 # ----------------------------------------------------------------------------------------------
-# view strategies
+# per-model choices (the view strategies: petmonai.views)
 
 
 SALIENCY_LAYER_BY_MODEL: dict[str, str] = {

@@ -185,14 +185,21 @@ def oof_auc(run_dir: Path, threads, log) -> dict:
     for source, (table, _) in per.items():
         if not table["scan_id"].equals(base["scan_id"]):
             raise RuntimeError(f"held-out scans of the {source} pass are not in the same order")
-    # the whole volume without flips is what training's evaluator predicted: the same preprocessing and
+    # the views the cross-validation scored held-out scans with (the whole volume without flips for
+    # training's evaluator; cv.test_views: inference, the prediction views): the same preprocessing and
     # weights must give the same numbers as the run's oof_predictions.csv
+    run_views = json.loads((run_dir / "metrics.json").read_text()).get("test_views") or {"mode": "evaluator"}
+    if run_views.get("mode") == "inference":
+        source, flips = str(run_views["windows"]), [tuple(f) for f in run_views["flips"]]
+        check_views = f"the prediction views it scored held-out scans with ({source} windows x {len(flips)} flips)"
+    else:
+        source, flips, check_views = "whole", [()], "the whole volume without flips (training's evaluator)"
     oof = pd.read_csv(run_dir / "oof_predictions.csv", dtype={"scan_id": str})
     check = base.merge(oof[["repeat", "fold", "scan_id", "prob_mci"]], on=["repeat", "fold", "scan_id"], how="left")
-    whole_table, whole_labels = per["whole"]
-    mine = np.array([p[_flip_index(whole_labels, [()])].mean() for p in whole_table["probs"]])
+    check_table, check_labels = per[source]
+    mine = np.array([p[_flip_index(check_labels, flips)].mean() for p in check_table["probs"]])
     consistency = float(np.nanmax(np.abs(check["prob_mci"].to_numpy() - mine)))
-    log(f"whole-volume predictions vs the run's oof_predictions.csv: max |difference| {consistency:.2g}")
+    log(f"{check_views} vs the run's oof_predictions.csv: max |difference| {consistency:.2g}")
     y = base["label"].to_numpy()
     subjects = base["subject"].to_numpy()
     scores = {}
@@ -212,7 +219,7 @@ def oof_auc(run_dir: Path, threads, log) -> dict:
     for s in scores.values():
         s.pop("probs")
     return {"n_scans": int(len(y)), "n_subjects": int(len(set(subjects))), "n_mci": int(y.sum()),
-            "max_abs_diff_to_run_oof": consistency,
+            "max_abs_diff_to_run_oof": consistency, "check_views": check_views,
             "reference": ref_name, "variants": scores, "seconds": time.perf_counter() - t0}
 
 
@@ -292,9 +299,10 @@ def render(r: dict) -> str:
             ci = s.get("delta_ci")
             ci_text = "reference" if ci is None else f"{ci[0]:+.3f} to {ci[1]:+.3f}"
             lines.append(f"| {name} | {s['views']} | {s['pooled_auc']:.3f} | {s['mean_fold_auc']:.3f} | {ci_text} |")
-        lines += ["", f"Check: the whole-volume predictions without flips reproduce the run's own "
-                  f"`oof_predictions.csv` (training's evaluator) to {o['max_abs_diff_to_run_oof']:.1g} "
-                  "(max |difference| in P(MCI)): prediction feeds the models exactly as training did.", "",
+        check_views = o.get("check_views", "the whole volume without flips (training's evaluator)")
+        lines += ["", f"Check: {check_views} reproduce the run's own `oof_predictions.csv` to "
+                  f"{o['max_abs_diff_to_run_oof']:.1g} (max |difference| in P(MCI)): prediction feeds the models "
+                  "exactly as the cross-validation did.", "",
                   reading(o), "", r.get("note") or "", ""]
     return "\n".join(lines).rstrip() + "\n"
 
