@@ -16,7 +16,7 @@ import time
 import torch
 from ignite.engine import Events
 
-from petmonai.crossval import build_cache, make_loader, prefetch_thread
+from petmonai.crossval import build_cache, make_loader, prefetch_thread, training_dataset
 from petmonai.data import train_rows
 from petmonai.engine import build_engines, configure_backends, make_optimizer
 from petmonai.models import build_model
@@ -164,8 +164,8 @@ def benchmark_training(cfg: dict, datalist, device: torch.device, epochs: int = 
     tcfg = cfg["train"]
     bs = int(tcfg["batch_size"])
     torch.manual_seed(0)
-    loader = make_loader(cache.subset(ids, augment), bs, True, int(tcfg.get("num_workers", 0)), device,
-                         prefetch=prefetch_thread(tcfg, device))  # as training builds it
+    loader = make_loader(training_dataset(cache, ids, augment, device, False), bs, True,
+                         int(tcfg.get("num_workers", 0)), device, prefetch=prefetch_thread(tcfg, device))  # as training
 
     # 1. full epochs through the real loader: throughput and data-wait fraction
     net = build_model(cfg["model"], cfg).to(device)

@@ -36,7 +36,7 @@ from petmonai.metrics import evaluate_cv, scored_predictions
 from petmonai.models import build_model, count_parameters, model_label, spatial_dims
 from petmonai.runs import atomic_write_csv, atomic_write_json, get_logger
 from petmonai.splits import LEAKY_PROTOCOLS, fold_ids, fold_members, load_folds, make_folds
-from petmonai.transforms import build_evaluation, build_pipelines
+from petmonai.transforms import WithoutMetaTracking, build_evaluation, build_pipelines
 
 log = get_logger("cv")
 
@@ -114,13 +114,15 @@ class _DeviceView(Sequence):
 
 def training_dataset(cache: VolumeCache, scan_ids, augment, device: torch.device, on_device: bool):
     """The augmented training set: random transforms in the loader (CPU, workers), or with
-    ``on_device`` (``train.augment_on_device``) on the training device, in the main process."""
+    ``on_device`` (``train.augment_on_device``) on the training device, in the main process.
+    The augmentation runs without MONAI's meta-data tracking (:class:`WithoutMetaTracking`)."""
+    untracked = WithoutMetaTracking(augment)
     if not on_device:
-        return cache.subset(scan_ids, augment)
+        return cache.subset(scan_ids, untracked)
     missing = [s for s in scan_ids if s not in cache.index]
     if missing:
         cache.subset(missing)  # raises the cache's own error
-    return Dataset(_DeviceView(cache, scan_ids, device), transform=augment)
+    return Dataset(_DeviceView(cache, scan_ids, device), transform=untracked)
 
 
 def test_view_scorer(cfg: dict, device: torch.device):

@@ -244,6 +244,34 @@ class RandAxialSlicesd(Randomizable, MapTransform):
         return d
 
 
+class WithoutMetaTracking(Transform):
+    """Runs ``transform`` with MONAI's meta-data tracking switched off, then restores the setting.
+
+    Training augments cached plain tensors: no affine or transform history is needed, and building
+    it (``MetaTensor`` wrapping in every crop and flip) took ~70% of the augmentation time on CPU
+    (1.5 -> 0.4 ms a batch of four 32x40x32 volumes; docs/benchmarks.md). Values and random draws
+    are unchanged.
+
+    >>> from monai.transforms import RandFlipd
+    >>> augment = WithoutMetaTracking(Compose([RandFlipd(keys="image", prob=0.5, spatial_axis=0)]))
+    >>> type(augment({"image": torch.zeros(1, 4, 4, 4)})["image"])
+    <class 'torch.Tensor'>
+    """
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, data):
+        from monai.data import get_track_meta, set_track_meta
+
+        before = get_track_meta()
+        set_track_meta(False)
+        try:
+            return self.transform(data)
+        finally:
+            set_track_meta(before)
+
+
 def build_pipelines(cfg: dict) -> tuple[Compose, Compose]:
     """``(preprocess, augment)`` Compose objects from the config's transform lists."""
     from petmonai.config import build_component
@@ -263,7 +291,7 @@ def build_evaluation(cfg: dict) -> Compose | None:
 
 
 __all__ = [
-    "CheckVolume", "CheckVolumed", "ScaleIntensityToBrainMean", "ScaleIntensityToBrainMeand",
+    "WithoutMetaTracking", "CheckVolume", "CheckVolumed", "ScaleIntensityToBrainMean", "ScaleIntensityToBrainMeand",
     "AboveThreshold", "brain_mask", "largest_component", "build_pipelines", "build_evaluation", "AxialSlices", "AxialSlicesd",
     "RandAxialSlices", "RandAxialSlicesd", "slice_indices", "take_axial_slices",
 ]

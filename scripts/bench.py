@@ -47,16 +47,20 @@ Engine runs (s): {", ".join(f"{t:.2f}" for t in r["engine_s"])}; bare runs (s): 
 
 | figure | value |
 |---|---|
-| cold preprocessing (NIfTI decode, resample, normalise, crop) per volume | {r['cold_preprocess_s_per_volume']*1000:.0f} ms |
+| cold preprocessing (NIfTI decode, preprocessing of the config, e.g. registration on first use) per volume | {r['cold_preprocess_s_per_volume']*1000:.0f} ms |
 | cached fetch per volume (no decode) | {r['cached_fetch_s_per_volume']*1000:.2f} ms |
 | cached volume size in memory | {r['cached_volume_mb']:.2f} MB |
 
 The cache lives in memory (MONAI CacheDataset), nothing on disk.
 
+Earlier figures: [benchmarks_resnet18.md](benchmarks_resnet18.md) (the 3D ResNet-18 recipe, the loader
+variants and the native-grid preprocessing, measured before issue 8 changed the default).
+
 ## Inference
 
 The TTA fold ensemble (volumes/s per configuration, the cost of windows, flips and folds) is
-measured by `scripts/bench_predict.py`: see [benchmarks_inference.md](benchmarks_inference.md).
+measured by `scripts/bench_predict.py`: see [benchmarks_inference.md](benchmarks_inference.md) (the default model)
+and [benchmarks_inference_resnet18.md](benchmarks_inference_resnet18.md) (the earlier 3D ResNet-18).
 
 ## GPU
 
