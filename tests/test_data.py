@@ -113,23 +113,28 @@ def test_duplicate_uuid(tiny_cohort, tmp_path):
 
 def test_augmentation_without_meta_tracking_same_values():
     """Training augments with MONAI's meta tracking off: plain tensors, the same random draws and
-    values as with tracking, and the global setting restored (also after an error)."""
+    values as with tracking when a MONAI loader seeds the pipeline (as training does), and the
+    global setting restored (also after an error)."""
     import torch
-    from monai.data import get_track_meta
+    from monai.data import DataLoader, Dataset, get_track_meta
     from monai.transforms import Compose, RandFlipd, RandSpatialCropd
 
     from petmonai.transforms import WithoutMetaTracking
 
-    def pipeline():
-        return Compose([RandSpatialCropd(keys="image", roi_size=[6, 7, 6], random_size=False),
-                        RandFlipd(keys="image", spatial_axis=0, prob=0.5)]).set_random_state(seed=3)
+    augment = Compose([RandSpatialCropd(keys="image", roi_size=[6, 7, 6], random_size=False),
+                       RandFlipd(keys="image", spatial_axis=0, prob=0.5)])
+    items = [{"image": torch.rand(1, 8, 9, 8, generator=torch.Generator().manual_seed(i))} for i in range(8)]
 
-    volume = torch.arange(8 * 9 * 8, dtype=torch.float32).reshape(1, 8, 9, 8)
-    tracked, untracked = pipeline(), WithoutMetaTracking(pipeline())
-    for _ in range(6):
-        a, b = tracked({"image": volume})["image"], untracked({"image": volume})["image"]
+    def batches(transform):
+        loader = DataLoader(Dataset(items, transform=transform), batch_size=4, shuffle=True, num_workers=0,
+                            generator=torch.Generator().manual_seed(5))  # seeds the pipeline's random state
+        return [b["image"] for epoch in range(3) for b in loader]
+
+    tracked, untracked = batches(augment), batches(WithoutMetaTracking(augment))
+    assert len(tracked) == len(untracked) == 6
+    for a, b in zip(tracked, untracked):
         assert type(b) is torch.Tensor and torch.equal(torch.as_tensor(a), b)
     assert get_track_meta()
     with pytest.raises(Exception):
-        WithoutMetaTracking(pipeline())({"label": 1})  # no "image" key: the pipeline fails
+        WithoutMetaTracking(augment)({"label": 1})  # no "image" key: the pipeline fails
     assert get_track_meta()
