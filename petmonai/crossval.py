@@ -126,10 +126,11 @@ def training_dataset(cache: VolumeCache, scan_ids, augment, device: torch.device
 
 
 def test_view_scorer(cfg: dict, device: torch.device):
-    """``cv.test_views``: ``evaluator`` (default) scores a held-out scan once, as the training
+    """``cv.test_views``: ``evaluator`` (when the key is absent) scores a held-out scan once, as the training
     evaluator sees it (the whole cached volume; 2D: the ``evaluate`` slices); ``inference`` scores it
     with the prediction views of ``predict.py`` (:class:`petmonai.inference.HeldOutViews`), so
-    out-of-fold metrics describe the predictor users run, one fold model at a time."""
+    out-of-fold metrics describe the predictor users run, one fold model at a time (the setting of
+    ``configs/train3d.yaml``)."""
     mode = str(cfg["cv"].get("test_views", "evaluator"))
     if mode == "evaluator":
         return None
