@@ -24,19 +24,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from monai.data import DataLoader, Dataset, DistributedSampler, ThreadDataLoader
+from monai.data import DataLoader, DistributedSampler, ThreadDataLoader
 from monai.utils import set_determinism
 
 from petmonai import distributed as dist
 from petmonai.data import to_items, train_rows
-from petmonai.datasets import VolumeCache
+from petmonai.datasets import UntrackedDataset, VolumeCache
 from petmonai.engine import (BEST_CHECKPOINT, TrainingState, build_engines, configure_backends, cuda_auto_switch,
                              load_weights, memory_format, predict_probabilities)
 from petmonai.metrics import evaluate_cv, scored_predictions
 from petmonai.models import build_model, count_parameters, model_label, spatial_dims
 from petmonai.runs import atomic_write_csv, atomic_write_json, get_logger
 from petmonai.splits import LEAKY_PROTOCOLS, fold_ids, fold_members, load_folds, make_folds
-from petmonai.transforms import WithoutMetaTracking, build_evaluation, build_pipelines
+from petmonai.transforms import build_evaluation, build_pipelines
 
 log = get_logger("cv")
 
@@ -115,14 +115,13 @@ class _DeviceView(Sequence):
 def training_dataset(cache: VolumeCache, scan_ids, augment, device: torch.device, on_device: bool):
     """The augmented training set: random transforms in the loader (CPU, workers), or with
     ``on_device`` (``train.augment_on_device``) on the training device, in the main process.
-    The augmentation runs without MONAI's meta-data tracking (:class:`WithoutMetaTracking`)."""
-    untracked = WithoutMetaTracking(augment)
+    The augmentation runs without MONAI's meta-data tracking (:class:`UntrackedDataset`)."""
     if not on_device:
-        return cache.subset(scan_ids, untracked)
+        return cache.subset(scan_ids, augment, track_meta=False)
     missing = [s for s in scan_ids if s not in cache.index]
     if missing:
         cache.subset(missing)  # raises the cache's own error
-    return Dataset(_DeviceView(cache, scan_ids, device), transform=untracked)
+    return UntrackedDataset(_DeviceView(cache, scan_ids, device), transform=augment)
 
 
 def test_view_scorer(cfg: dict, device: torch.device):

@@ -244,38 +244,6 @@ class RandAxialSlicesd(Randomizable, MapTransform):
         return d
 
 
-class WithoutMetaTracking(Compose):
-    """The transforms of a ``Compose``, run with MONAI's meta-data tracking switched off (the
-    setting is restored afterwards).
-
-    Training augments cached plain tensors: no affine or transform history is needed, and building
-    it (``MetaTensor`` wrapping in every crop and flip) took ~70% of the augmentation time on CPU
-    (1.5 -> 0.4 ms a batch of four 32x40x32 volumes; docs/benchmarks.md). It is a ``Compose``
-    sharing the same transform objects, so a loader seeds it exactly as it seeded the original:
-    the same random draws and values as with tracking.
-
-    >>> from monai.transforms import RandFlipd
-    >>> augment = WithoutMetaTracking(Compose([RandFlipd(keys="image", prob=0.5, spatial_axis=0)]))
-    >>> type(augment({"image": torch.zeros(1, 4, 4, 4)})["image"])
-    <class 'torch.Tensor'>
-    """
-
-    def __init__(self, transform: Compose):
-        transform = transform if isinstance(transform, Compose) else Compose(transform)
-        super().__init__(transform.transforms, map_items=transform.map_items, unpack_items=transform.unpack_items,
-                         log_stats=transform.log_stats, lazy=transform.lazy, overrides=transform.overrides)
-
-    def __call__(self, input_, start=0, end=None, threading=False, lazy=None):
-        from monai.data import get_track_meta, set_track_meta
-
-        before = get_track_meta()
-        set_track_meta(False)
-        try:
-            return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
-        finally:
-            set_track_meta(before)
-
-
 def build_pipelines(cfg: dict) -> tuple[Compose, Compose]:
     """``(preprocess, augment)`` Compose objects from the config's transform lists."""
     from petmonai.config import build_component
@@ -295,7 +263,7 @@ def build_evaluation(cfg: dict) -> Compose | None:
 
 
 __all__ = [
-    "WithoutMetaTracking", "CheckVolume", "CheckVolumed", "ScaleIntensityToBrainMean", "ScaleIntensityToBrainMeand",
+    "CheckVolume", "CheckVolumed", "ScaleIntensityToBrainMean", "ScaleIntensityToBrainMeand",
     "AboveThreshold", "brain_mask", "largest_component", "build_pipelines", "build_evaluation", "AxialSlices", "AxialSlicesd",
     "RandAxialSlices", "RandAxialSlicesd", "slice_indices", "take_axial_slices",
 ]

@@ -119,22 +119,22 @@ def test_augmentation_without_meta_tracking_same_values():
     from monai.data import DataLoader, Dataset, get_track_meta
     from monai.transforms import Compose, RandFlipd, RandSpatialCropd
 
-    from petmonai.transforms import WithoutMetaTracking
+    from petmonai.datasets import UntrackedDataset
 
     augment = Compose([RandSpatialCropd(keys="image", roi_size=[6, 7, 6], random_size=False),
                        RandFlipd(keys="image", spatial_axis=0, prob=0.5)])
     items = [{"image": torch.rand(1, 8, 9, 8, generator=torch.Generator().manual_seed(i))} for i in range(8)]
 
-    def batches(transform):
-        loader = DataLoader(Dataset(items, transform=transform), batch_size=4, shuffle=True, num_workers=0,
+    def batches(dataset_class):
+        loader = DataLoader(dataset_class(items, transform=augment), batch_size=4, shuffle=True, num_workers=0,
                             generator=torch.Generator().manual_seed(5))  # seeds the pipeline's random state
         return [b["image"] for epoch in range(3) for b in loader]
 
-    tracked, untracked = batches(augment), batches(WithoutMetaTracking(augment))
+    tracked, untracked = batches(Dataset), batches(UntrackedDataset)
     assert len(tracked) == len(untracked) == 6
     for a, b in zip(tracked, untracked):
         assert type(b) is torch.Tensor and torch.equal(torch.as_tensor(a), b)
     assert get_track_meta()
     with pytest.raises(Exception):
-        WithoutMetaTracking(augment)({"label": 1})  # no "image" key: the pipeline fails
+        UntrackedDataset([{"label": 1}], transform=augment)[0]  # no "image" key: the pipeline fails
     assert get_track_meta()
