@@ -35,7 +35,6 @@ from monai.handlers import (
     StatsHandler,
     TensorBoardStatsHandler,
     ValidationHandler,
-    from_engine,
     stopping_fn_from_metric,
 )
 from monai.inferers import SimpleInferer

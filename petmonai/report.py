@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from petmonai.config import read_yaml
 from petmonai.errors import PetmonaiError
 from petmonai.metrics import METRIC_KEYS, METRIC_LABELS, calibration_bins, evaluate_cv
 from petmonai.runs import atomic_write_text, get_logger
@@ -78,18 +79,6 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
         return pd.read_csv(path, dtype={"scan_id": str, "subject": str, "site": str, "uuid": str},
                            keep_default_na=False, na_values=[""])
     except (OSError, ValueError) as err:
-        raise PetmonaiError(f"{path}: cannot read ({err})") from None
-
-
-def _read_config(path: Path) -> dict | None:
-    """The run's resolved ``config.yaml`` (plain YAML), or None."""
-    if not path.is_file():
-        return None
-    import yaml
-
-    try:
-        return yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
         raise PetmonaiError(f"{path}: cannot read ({err})") from None
 
 
@@ -666,7 +655,8 @@ def build_report(run_dir: str | Path, recompute: bool = False, n_boot: int | Non
         lines[-1] += f" {REFERENCE_NAME}: {reference['metrics']['headline']['text']}."
     lines.append("")
     lines += _audit_section(audit)
-    lines += _protocol_section(protocol, cnn, folds, _read_config(run_dir / "config.yaml"))
+    config = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    lines += _protocol_section(protocol, cnn, folds, config)
     lines += _results_section(protocol, models)
     lines += ["## Figures", ""]
     captions = {
