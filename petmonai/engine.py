@@ -153,9 +153,10 @@ class PetTrainer(SupervisedTrainer):
 
 
 def mci_probability(output: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decollated engine output -> (P(MCI) per scan, label per scan)."""
+    """Decollated engine output -> (P(MCI) per scan, label per scan), both on the predictions' device
+    (ROCAUC indexes one with the other, and gathers them across processes on the GPU)."""
     probs = torch.stack([torch.softmax(torch.as_tensor(o["pred"]).float(), dim=0)[1] for o in output])
-    labels = torch.as_tensor([int(o["label"]) for o in output])
+    labels = torch.as_tensor([int(o["label"]) for o in output], device=probs.device)
     return probs, labels
 
 

@@ -176,3 +176,15 @@ def test_prefetch_thread_switch():
     assert prefetch_thread({"prefetch_thread": True}, CPU) is True
     with pytest.raises(PetmonaiError, match="prefetch_thread"):
         prefetch_thread({"prefetch_thread": "sometimes"}, CPU)
+
+
+def test_validation_labels_follow_the_predictions_device():
+    """ROCAUC indexes the labels with the predictions' order: on a GPU both must live there (a CPU
+    label tensor crashed keep=best validation on CUDA). The meta device stands in for CUDA here."""
+    from petmonai.engine import mci_probability
+
+    output = [{"pred": torch.zeros(2, device="meta"), "label": torch.tensor(i % 2)} for i in range(3)]
+    probs, labels = mci_probability(output)
+    assert probs.device.type == "meta" and labels.device == probs.device
+    probs, labels = mci_probability([{"pred": torch.tensor([0.0, 1.0]), "label": 1}])
+    assert labels.tolist() == [1] and probs.item() == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item())
