@@ -105,6 +105,29 @@ def audit_main(argv=None) -> int:
 
 
 @user_errors
+def export_main(argv=None) -> int:
+    from petmonai.config import default_config_path, load_config
+    from petmonai.export import export_preprocessed
+    from petmonai.runs import setup_logging
+
+    parser = argparse.ArgumentParser(prog="export_preprocessed.py", description="Write every scan as the config's "
+                                     "preprocess leaves it (NIfTI) plus a config that trains on them: training "
+                                     "elsewhere then needs no registration stack (SimpleITK, nilearn).")
+    parser.add_argument("--data-root", required=True, help="competition-layout folder or CSV datalist")
+    parser.add_argument("--output-dir", type=Path, required=True,
+                        help="exported volumes (Train/<class>/, Test/), train3d.yaml and exported.csv")
+    parser.add_argument("--config", type=Path, default=default_config_path())
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="leave out scans that cannot be read or preprocessed (listed in exported.csv)")
+    args = parser.parse_args(argv)
+    setup_logging(None)
+    cfg = load_config(args.config, [*args.overrides, f"data.root={args.data_root}"])
+    export_preprocessed(cfg, args.output_dir, skip_bad=args.skip_bad)
+    return 0
+
+
+@user_errors
 def compare_main(argv=None) -> int:
     import time
 

@@ -1,0 +1,63 @@
+"""scripts/export_preprocessed.py: the exported volumes, read by the exported config, are the tensors
+the original preprocessing makes (so training on them is training on the original), and a scan that
+cannot be preprocessed is an error naming it, with nothing written."""
+
+from __future__ import annotations
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from monai.transforms import Compose
+
+from petmonai.cli import export_main
+from petmonai.config import build_component, load_config
+from petmonai.data import discover
+from petmonai.errors import DataError
+from petmonai.export import export_preprocessed
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_cohort, fast_config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "prep"
+    assert export_main(["--data-root", str(tiny_cohort), "--output-dir", str(out),
+                        *[a for o in fast_config for a in ("--set", o)]]) == 0
+    return out
+
+
+def test_exported_volumes_are_the_preprocessed_tensors(tiny_cohort, fast_config, exported):
+    original = load_config(overrides=[*fast_config, f"data.root={tiny_cohort}"])
+    exported_cfg = load_config(exported / "train3d.yaml", [f"data.root={exported}"])
+    assert exported_cfg["model"] == original["model"] and exported_cfg["augment"] == original["augment"]
+    before, after = (Compose(build_component(c, "preprocess")) for c in (original, exported_cfg))
+    source, export = discover(tiny_cohort), discover(exported)
+    keys = ["uuid", "split", "class_name", "label", "subject", "site"]
+    pd.testing.assert_frame_equal(source[keys].sort_values("uuid").reset_index(drop=True),
+                                  export[keys].sort_values("uuid").reset_index(drop=True))
+    for src, dst in zip(source.sort_values("uuid")["image"], export.sort_values("uuid")["image"]):
+        a, b = before({"image": src})["image"], after({"image": dst})["image"]
+        assert tuple(a.shape) == tuple(b.shape) == (1, *original["spatial_size"])
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    table = pd.read_csv(exported / "exported.csv")
+    assert (table["status"] == "ok").all() and len(table) == len(source)
+
+
+def test_a_scan_that_cannot_be_preprocessed(tiny_cohort, fast_config, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_cohort, data)
+    victim = sorted((data / "Train" / "NC").iterdir())[0]
+    img = nib.load(str(victim))
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine, img.header), str(victim))
+    cfg = load_config(overrides=[*fast_config, f"data.root={data}"])
+    with pytest.raises(DataError, match=f"{victim.name}.*cannot be preprocessed: volume is empty"):
+        export_preprocessed(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    table = export_preprocessed(cfg, tmp_path / "out", skip_bad=True)
+    skipped = table[table["status"] != "ok"]
+    assert list(skipped["source"]) == [str(victim)] and skipped["status"].str.contains("volume is empty").all()
+    assert not (tmp_path / "out" / "Train" / "NC" / victim.name).exists()
+    with pytest.raises(Exception, match="must not go into the data root"):
+        export_preprocessed(cfg, data / "inside")
