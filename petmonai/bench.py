@@ -16,7 +16,7 @@ import time
 import torch
 from ignite.engine import Events
 
-from petmonai.crossval import build_cache, make_loader, prefetch_thread, training_dataset
+from petmonai.crossval import build_cache, training_loader
 from petmonai.data import train_rows
 from petmonai.engine import build_engines, configure_backends, make_optimizer
 from petmonai.models import build_model
@@ -104,18 +104,23 @@ class DataWaitTimer:
         self.epoch_time.append(time.perf_counter() - self._e0)
 
 
-def bare_loop(net, batches, device, lr=3e-4) -> float:
-    """A plain PyTorch training loop over pre-made batches; returns seconds."""
+def bare_loop(net, batches, device, lr=3e-4, amp_kwargs: dict | None = None) -> float:
+    """A plain PyTorch training loop over pre-made batches; returns seconds. ``amp_kwargs``: run the
+    forward pass under ``torch.autocast`` with them (fp16 with a gradient scaler)."""
     opt = make_optimizer(net, lr, 0.01, device)  # the trainer's optimiser: the comparison isolates the engine
     loss_fn = torch.nn.CrossEntropyLoss()
+    scaler = torch.amp.GradScaler(device.type, enabled=bool(amp_kwargs) and amp_kwargs.get("dtype") == torch.float16)
     net.train()
     _sync(device)
     t0 = time.perf_counter()
     for batch in batches:
         x, y = batch["image"].to(device), batch["label"].to(device)
         opt.zero_grad(set_to_none=True)
-        loss_fn(net(x), y).backward()
-        opt.step()
+        with torch.autocast(device.type, enabled=bool(amp_kwargs), **(amp_kwargs or {})):
+            loss = loss_fn(net(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
     _sync(device)
     return time.perf_counter() - t0
 
@@ -164,8 +169,7 @@ def benchmark_training(cfg: dict, datalist, device: torch.device, epochs: int = 
     tcfg = cfg["train"]
     bs = int(tcfg["batch_size"])
     torch.manual_seed(0)
-    loader = make_loader(training_dataset(cache, ids, augment, device, False), bs, True,
-                         int(tcfg.get("num_workers", 0)), device, prefetch=prefetch_thread(tcfg, device))  # as training
+    loader = training_loader(cache, ids, augment, tcfg, device)  # as training
 
     # 1. full epochs through the real loader: throughput and data-wait fraction
     net = build_model(cfg["model"], cfg).to(device)
@@ -240,7 +244,8 @@ def dense_bf16_peak(gpu_name: str | None) -> float | None:
     return None
 
 
-def benchmark_precision(cfg: dict, batches: list, device: torch.device, tmp_dir, rounds: int = 3) -> dict:
+def benchmark_precision(cfg: dict, batches: list, device: torch.device, tmp_dir, rounds: int = 5,
+                        reference_shape=(96, 96, 64), reference_batches: int = 10) -> dict:
     """Mixed precision vs fp32 through our trainer, same model and batches, alternated: speedup,
     volumes/s, peak GPU memory and the AMP step's FLOP/s against the GPU's dense bf16 peak (and
     against a bf16 matmul measured now). On CPU ``amp`` is ignored, so the speedup is ~1 there:
@@ -251,7 +256,8 @@ def benchmark_precision(cfg: dict, batches: list, device: torch.device, tmp_dir,
     n_volumes = sum(len(b["label"]) for b in batches)
     times = {False: [], True: []}
     peak_gpu = {}
-    engine_loop(build_model(cfg["model"], cfg).to(device), batches[:2], device, {**tcfg, "amp": True}, tmp_dir)
+    for amp in (False, True):  # warm-up: cuDNN autotuning of each precision's convolutions
+        engine_loop(build_model(cfg["model"], cfg).to(device), batches[:2], device, {**tcfg, "amp": amp}, tmp_dir)
     for _ in range(rounds):
         for amp in (False, True):
             if device.type == "cuda":
@@ -267,7 +273,23 @@ def benchmark_precision(cfg: dict, batches: list, device: torch.device, tmp_dir,
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     peak = dense_bf16_peak(gpu)
     bf16_matmul = matmul_flops(device, n=8192 if device.type == "cuda" else 1024, dtype=torch.bfloat16)
+    # where the step is compute-bound: the issue's 96x96x64 reference volume, bare loop, each precision
+    bs = int(tcfg["batch_size"])
+    big = [{"image": torch.randn(bs, 1, *reference_shape), "label": torch.randint(0, 2, (bs,))}
+           for _ in range(reference_batches)]
+    big_s = {False: [], True: []}
+    for amp in (False, True):
+        bare_loop(build_model(cfg["model"], cfg).to(device), big[:2], device, amp_kwargs=kwargs if amp else None)
+    for _ in range(rounds):
+        for amp in (False, True):
+            big_s[amp].append(bare_loop(build_model(cfg["model"], cfg).to(device), big, device,
+                                        amp_kwargs=kwargs if amp else None))
+    big_fp32, big_amp = statistics.median(big_s[False]), statistics.median(big_s[True])
     return {
+        "reference_shape": list(reference_shape),
+        "amp_speedup_reference": big_fp32 / big_amp,
+        "amp_volumes_per_s_reference": len(big) * bs / big_amp,
+        "fp32_volumes_per_s_reference": len(big) * bs / big_fp32,
         "amp_dtype": str(kwargs.get("dtype")) if enabled else "none (fp32: AMP is CUDA only)",
         "fp32_s": times[False],
         "amp_s": times[True],

@@ -124,6 +124,17 @@ def training_dataset(cache: VolumeCache, scan_ids, augment, device: torch.device
     return UntrackedDataset(_DeviceView(cache, scan_ids, device), transform=augment)
 
 
+def training_loader(cache: VolumeCache, scan_ids, augment, train_cfg: dict, device: torch.device, seed: int = 0):
+    """The training loader as ``train:`` asks for it: augmentation in the loader (workers, pinned
+    memory and a prefetch thread on CUDA) or on the device (``augment_on_device``); this rank's share
+    under torchrun."""
+    on_device = bool(train_cfg.get("augment_on_device", False))
+    dataset = training_dataset(cache, scan_ids, augment, device, on_device)
+    workers = 0 if on_device else int(train_cfg.get("num_workers", 0))
+    return make_loader(dataset, int(train_cfg["batch_size"]), True, workers, device, seed, distributed=True,
+                       pin_memory=False if on_device else None, prefetch=prefetch_thread(train_cfg, device))
+
+
 def test_view_scorer(cfg: dict, device: torch.device):
     """``cv.test_views``: ``evaluator`` (when the key is absent) scores a held-out scan once, as the training
     evaluator sees it (the whole cached volume; 2D: the ``evaluate`` slices); ``inference`` scores it
@@ -166,12 +177,8 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    workers, bs = int(tcfg.get("num_workers", 0)), int(tcfg["batch_size"])
-    on_device = bool(tcfg.get("augment_on_device", False))
-    train_set = training_dataset(cache, ids["train"], augment, device, on_device)
-    train_loader = make_loader(train_set, bs, True, 0 if on_device else workers, device, seed, distributed=True,
-                               pin_memory=False if on_device else None,
-                               prefetch=prefetch_thread(tcfg, device))
+    bs = int(tcfg["batch_size"])
+    train_loader = training_loader(cache, ids["train"], augment, tcfg, device, seed)
     evaluate = build_evaluation(cfg)  # 2D: evenly spaced slices + centre crop; 3D: None (the cached volume)
     val_loader = (make_loader(cache.subset(ids["val"], evaluate), bs, False, 0, device, distributed=True)
                   if ids["val"] else None)

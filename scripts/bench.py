@@ -81,6 +81,8 @@ def render_gpu(r: dict) -> str:
 |---|---|---|
 | AMP vs fp32 speedup, our trainer, same model and batches | {p['amp_speedup']:.2f}x | >= 2x |
 | volumes/s with AMP / fp32 | {p['amp_volumes_per_s']:.1f} / {p['fp32_volumes_per_s']:.1f} | |
+| AMP vs fp32 speedup at {'x'.join(map(str, p['reference_shape']))} (bare loop, compute-bound) | {p['amp_speedup_reference']:.2f}x | |
+| volumes/s at {'x'.join(map(str, p['reference_shape']))} with AMP / fp32 | {p['amp_volumes_per_s_reference']:.1f} / {p['fp32_volumes_per_s_reference']:.1f} | |
 | AMP step FLOP/s | {p['amp_step_flops_per_s']/1e12:.1f} TFLOP/s | |
 | fraction of the GPU's dense bf16 peak (data sheet) | {frac} | |
 | fraction of a large bf16 matmul measured in this run | {p['fraction_of_bf16_matmul']:.1%} | |

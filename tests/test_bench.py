@@ -31,14 +31,15 @@ def test_dense_bf16_peak_table():
 def test_precision_benchmark_runs_on_cpu(fast_config, tmp_path):
     cfg = load_config(overrides=fast_config)
     batches = [{"image": torch.randn(2, 1, 20, 24, 20), "label": torch.tensor([0, 1])} for _ in range(2)]
-    p = benchmark_precision(cfg, batches, CPU, tmp_path, rounds=1)
+    p = benchmark_precision(cfg, batches, CPU, tmp_path, rounds=1, reference_shape=(20, 24, 20), reference_batches=1)
     assert p["amp_dtype"].startswith("none") and p["gpu"] is None
     assert p["amp_speedup"] > 0 and p["fraction_of_bf16_matmul"] > 0
+    assert p["amp_speedup_reference"] > 0 and p["amp_volumes_per_s_reference"] > 0
     assert p["fraction_of_dense_bf16_peak"] is None
     text = load_bench_script().render_gpu({"precision": {**p, "gpu": "NVIDIA H100 80GB HBM3",
                                                          "fraction_of_dense_bf16_peak": 0.123,
                                                          "peak_gpu_memory_gb": {False: 3.0, True: 1.5}}})
-    assert "12.3%" in text and "AMP 1.50 GB" in text and ">= 2x" in text
+    assert "12.3%" in text and "AMP 1.50 GB" in text and ">= 2x" in text and "at 20x24x20" in text
     assert "No GPU" in load_bench_script().render_gpu({"precision": None})
 
 
