@@ -142,6 +142,49 @@ def prepare_batch(batchdata, device=None, non_blocking: bool = False,
     return (image, *rest)
 
 
+class MixUpBatch:
+    """mixup (Zhang et al., ICLR 2018) of a training batch: each scan is blended with a partner from
+    the same batch, images and one-hot labels alike, with a weight drawn from Beta(alpha, alpha) per
+    scan (torch's global generator, which every fold seeds). MONAI's ``MixUp`` fixes the batch size
+    and mixes only image-shaped labels, hence this class.
+
+    >>> mix = MixUpBatch(alpha=0.4)
+    >>> image, target = mix(torch.randn(4, 1, 8, 8, 8), torch.tensor([0, 1, 1, 0]))
+    >>> tuple(target.shape), bool(torch.allclose(target.sum(1), torch.ones(4)))
+    ((4, 2), True)
+    """
+
+    def __init__(self, alpha: float, num_classes: int = 2):
+        if not alpha > 0:
+            raise ConfigError(f"train.mixup_alpha: {alpha} must be > 0 (0 switches mixup off)")
+        self.beta = torch.distributions.Beta(float(alpha), float(alpha))
+        self.num_classes = num_classes
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = image.shape[0]
+        weight = self.beta.sample((n,)).to(image.device)
+        partner = torch.randperm(n).to(image.device)
+        target = torch.nn.functional.one_hot(label.long(), self.num_classes).float()
+        w_image = weight.view(n, *([1] * (image.ndim - 1)))
+        return (w_image * image + (1 - w_image) * image[partner],
+                weight[:, None] * target + (1 - weight[:, None]) * target[partner])
+
+
+def mixup_batch(batchdata, device=None, non_blocking: bool = False, mixup: MixUpBatch | None = None, **kwargs):
+    """:func:`prepare_batch`, then ``mixup`` of the batch (training only)."""
+    image, label, *rest = prepare_batch(batchdata, device, non_blocking, **kwargs)
+    image, label = mixup(image, label)
+    return (image, label, *rest)
+
+
+def training_loss(train_cfg: dict) -> torch.nn.Module:
+    """Cross-entropy, with ``train.label_smoothing`` (0: none); it takes mixup's soft targets too."""
+    smoothing = float(train_cfg.get("label_smoothing", 0.0))
+    if not 0.0 <= smoothing < 1.0:
+        raise ConfigError(f"train.label_smoothing: {smoothing} is not in [0, 1)")
+    return torch.nn.CrossEntropyLoss(label_smoothing=smoothing)
+
+
 class PetTrainer(SupervisedTrainer):
     """SupervisedTrainer whose gradient scaler is active only for fp16 (bf16 needs none) and is
     kept across ``run()`` calls, so a resumed run restores its state."""
@@ -204,6 +247,9 @@ def build_engines(
     if fmt is not torch.contiguous_format:
         net.to(memory_format=fmt)
     batch_fn = functools.partial(prepare_batch, memory_format=fmt)
+    alpha = float(train_cfg.get("mixup_alpha", 0.0))
+    train_batch_fn = (functools.partial(mixup_batch, memory_format=fmt, mixup=MixUpBatch(alpha)) if alpha
+                      else batch_fn)
     main = dist.is_main()
     keep = str(train_cfg.get("keep", "best"))
     if keep not in ("best", "last"):
@@ -237,14 +283,14 @@ def build_engines(
         train_data_loader=train_loader,
         network=train_net,
         optimizer=optimizer,
-        loss_function=torch.nn.CrossEntropyLoss(),
+        loss_function=training_loss(train_cfg),
         optim_set_to_none=True,  # frees gradients instead of zero-filling 33M floats every step
         decollate=False,  # nothing uses per-scan training outputs: skip splitting every batch
         inferer=SimpleInferer(),
         amp=amp,
         amp_kwargs=amp_kwargs,
         non_blocking=device.type == "cuda",
-        prepare_batch=batch_fn,
+        prepare_batch=train_batch_fn,
         key_train_metric={"train_loss": Average(output_transform=step_loss)},
         metric_cmp_fn=lambda current, best: current < best,  # a loss: lower is better
         train_handlers=trainer_handlers,
