@@ -72,7 +72,8 @@ def render_gpu(r: dict) -> str:
     p = r.get("precision")
     if not p:
         return ("No GPU in this run. The CUDA paths (AMP, channels_last_3d, cuDNN benchmark, pinned memory,\n"
-                "torch.compile, augmentation on the device) run on CPU in tests/test_gpu_paths.py.")
+                "torch.compile, augmentation on the device) run on CPU in tests/test_gpu_paths.py; on a GPU,\n"
+                "tests/test_cuda.py. Figures measured on an H100: gpu.md.")
     frac = f"{p['fraction_of_dense_bf16_peak']:.1%}" if p["fraction_of_dense_bf16_peak"] else "n/a (GPU not in the table)"
     peak_mem = ", ".join(f"{'AMP' if k else 'fp32'} {v:.2f} GB" for k, v in p["peak_gpu_memory_gb"].items())
     return f"""GPU: {p['gpu']}; AMP dtype {p['amp_dtype']}.
