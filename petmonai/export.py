@@ -72,9 +72,11 @@ def export_preprocessed(cfg: dict, out_dir: str | Path, skip_bad: bool = False) 
     source_root = Path(cfg["data"]["root"]).resolve()
     if out_dir.resolve() == source_root or source_root in out_dir.resolve().parents:
         raise PetmonaiError(f"{out_dir}: the export must not go into the data root {source_root}")
-    datalist = discover(source_root, skip_bad=skip_bad)
+    unreadable: list[dict] = []
+    datalist = discover(source_root, skip_bad=skip_bad, skipped=unreadable)
     preprocess = Compose(build_component(cfg, "preprocess"))
-    rows, files = [], {}  # every scan is preprocessed before any is written: an error leaves no partial export
+    rows = [{"source": item["image"], "exported": "", "status": f"skipped: {item['problem']}"} for item in unreadable]
+    files = {}  # every scan is preprocessed before any is written: an error leaves no partial export
     for row in datalist.to_dict("records"):
         target = exported_path(out_dir, row)
         try:

@@ -49,15 +49,23 @@ def test_a_scan_that_cannot_be_preprocessed(tiny_cohort, fast_config, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_cohort, data)
     victim = sorted((data / "Train" / "NC").iterdir())[0]
+    broken = sorted((data / "Train" / "MCI").iterdir())[0]
+    broken.write_bytes(b"not a NIfTI file")
     img = nib.load(str(victim))
     nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine, img.header), str(victim))
     cfg = load_config(overrides=[*fast_config, f"data.root={data}"])
+    with pytest.raises(DataError, match=f"{broken.name}.*not a readable NIfTI"):
+        export_preprocessed(cfg, tmp_path / "out")
+    broken_bytes = broken.read_bytes()
+    shutil.copy(sorted((data / "Train" / "MCI").iterdir())[1], broken)
     with pytest.raises(DataError, match=f"{victim.name}.*cannot be preprocessed: volume is empty"):
         export_preprocessed(cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
+    broken.write_bytes(broken_bytes)
     table = export_preprocessed(cfg, tmp_path / "out", skip_bad=True)
-    skipped = table[table["status"] != "ok"]
-    assert list(skipped["source"]) == [str(victim)] and skipped["status"].str.contains("volume is empty").all()
+    skipped = table[table["status"] != "ok"].set_index("source")["status"]
+    assert sorted(skipped.index) == sorted([str(victim), str(broken)])
+    assert "volume is empty" in skipped[str(victim)] and "not a readable NIfTI" in skipped[str(broken)]
     assert not (tmp_path / "out" / "Train" / "NC" / victim.name).exists()
     with pytest.raises(Exception, match="must not go into the data root"):
         export_preprocessed(cfg, data / "inside")
