@@ -128,6 +128,31 @@ def export_main(argv=None) -> int:
 
 
 @user_errors
+def anchor_main(argv=None) -> int:
+    import json
+
+    from petmonai.calibration import anchored_auc, anchored_out_of_fold
+    from petmonai.runs import atomic_write_csv, atomic_write_json, setup_logging
+
+    parser = argparse.ArgumentParser(prog="anchor_folds.py", description="Pooled out-of-fold AUC of a run with each "
+                                     "fold model's scores anchored on unlabeled reference scans (an analysis).")
+    parser.add_argument("--run-dir", type=Path, required=True, help="a finished train3d.py run")
+    parser.add_argument("--reference", nargs="+", required=True, metavar="DIR_OR_FILE",
+                        help="unlabeled scans every fold model scores, e.g. the challenge's Test folder")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="JSON of the AUCs (and a CSV of the scores beside it)")
+    args = parser.parse_args(argv)
+    setup_logging(None)
+    table = anchored_out_of_fold(args.run_dir, args.reference)
+    result = {"run_dir": str(args.run_dir), "reference": [str(r) for r in args.reference], "auc": anchored_auc(table)}
+    if args.output:
+        atomic_write_csv(args.output.with_suffix(".csv"), table)
+        atomic_write_json(args.output, result)
+    print(json.dumps(result["auc"], indent=1))
+    return 0
+
+
+@user_errors
 def compare_main(argv=None) -> int:
     import time
 

@@ -1,0 +1,16 @@
+#!/usr/bin/env python
+"""Pooled out-of-fold AUC of a run with each fold model anchored on unlabeled scans (an analysis).
+
+    python scripts/anchor_folds.py --run-dir runs/real --reference ../shared/data/pet2023/Test
+
+See petmonai/calibration.py: every fold model scores the same unlabeled scans, and its held-out
+scores are expressed relative to them (logit minus median, or z-score), so that pooling the folds
+no longer mixes probability scales. No label of the reference scans is used (they have none).
+"""
+
+import sys
+
+from petmonai.cli import anchor_main
+
+if __name__ == "__main__":
+    sys.exit(anchor_main())
