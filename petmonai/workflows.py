@@ -134,8 +134,8 @@ def discard_unstarted_run(run_dir: Path, remove_folder: bool) -> bool:
     else:  # the user's own (empty) folder: keep it, empty
         for child in run_dir.iterdir():
             shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
-    return True
     logger.info("run not started: %s %s", run_dir, "removed" if remove_folder else "emptied")
+    return True
 
 
 def resume_command(args) -> dict:
