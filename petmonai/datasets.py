@@ -13,7 +13,7 @@ import gzip
 import zlib
 from collections.abc import Sequence
 
-from monai.data import CacheDataset, Dataset
+from monai.data import CacheDataset, Dataset, get_track_meta, set_track_meta
 from monai.transforms import Compose
 
 from petmonai.errors import DataError, PetmonaiError
@@ -115,8 +115,6 @@ class UntrackedDataset(Dataset):
     """
 
     def _transform(self, index: int):
-        from monai.data import get_track_meta, set_track_meta
-
         before = get_track_meta()
         set_track_meta(False)
         try:
