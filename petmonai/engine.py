@@ -170,7 +170,7 @@ class MixUpBatch:
                 weight[:, None] * target + (1 - weight[:, None]) * target[partner])
 
 
-def mixup_batch(batchdata, device=None, non_blocking: bool = False, mixup: MixUpBatch | None = None, **kwargs):
+def mixup_batch(batchdata, device=None, non_blocking: bool = False, *, mixup: MixUpBatch, **kwargs):
     """:func:`prepare_batch`, then ``mixup`` of the batch (training only)."""
     image, label, *rest = prepare_batch(batchdata, device, non_blocking, **kwargs)
     image, label = mixup(image, label)
