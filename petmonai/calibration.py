@@ -16,7 +16,6 @@ common scale, and no label is used.
 
 from __future__ import annotations
 
-import copy
 import zlib
 from pathlib import Path
 from typing import Sequence
@@ -25,7 +24,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from petmonai.inference import collect_inputs, load_run, predict_out_of_fold, predict_views, prepare_all, torch_threads
+from petmonai.inference import (LoadedRun, collect_inputs, load_run, model_view_probabilities, predict_out_of_fold,
+                                prepare_all, torch_threads)
 
 SCORES = ("probability", "centred", "z")
 
@@ -35,19 +35,16 @@ def logit(p) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
-def reference_scores(run_dir: str | Path, inputs: Sequence[str | Path], options: dict | None = None) -> pd.DataFrame:
-    """P(MCI) of every usable reference scan by every fold model alone (the mean over the run's
-    prediction views): one row per (repeat, fold, uuid). Unusable scans are left out, as
-    ``predict.py --skip-bad`` would."""
-    run = load_run(run_dir, {**(options or {}), "folds": "all"}, with_models=True)
+def reference_scores(run: LoadedRun, inputs: Sequence[str | Path]) -> pd.DataFrame:
+    """P(MCI) of every usable reference scan by every fold model of a loaded ``run`` alone (the mean
+    over the run's prediction views): one row per (repeat, fold, uuid). Unusable scans are left out,
+    as ``predict.py --skip-bad`` would. Each scan is preprocessed once."""
     prepared, _ = prepare_all(collect_inputs(inputs), run, skip_bad=True)
     rows = []
     with torch_threads(run.options["threads"]):
         for model in run.models:
-            single = copy.copy(run)
-            single.models = [model]
             for prep in prepared:
-                probs = predict_views(single, prep.volume, seed=zlib.crc32(str(prep.item.uuid).encode()))[0]
+                probs = model_view_probabilities(run, model, prep.volume, seed=zlib.crc32(str(prep.item.uuid).encode()))
                 rows.append({"repeat": model.repeat, "fold": model.fold, "uuid": prep.item.uuid,
                              "prob_mci": float(probs.mean())})
     return pd.DataFrame(rows)
@@ -72,9 +69,10 @@ def anchor(held_out: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
 def anchored_out_of_fold(run_dir: str | Path, inputs: Sequence[str | Path], options: dict | None = None) -> pd.DataFrame:
     """Held-out scans of every fold scored by that fold's model (the run's prediction views), with
     the anchored scores of :func:`anchor` on the reference scans ``inputs``."""
-    oof = predict_out_of_fold(run_dir, options, progress=False)
+    run = load_run(run_dir, {**(options or {}), "folds": "all"}, with_models=True)  # once, for both passes
+    oof = predict_out_of_fold(run_dir, progress=False, run=run)
     oof["prob_mci"] = [float(np.mean(p)) for p in oof.pop("probs")]
-    return anchor(oof, reference_scores(run_dir, inputs, options))
+    return anchor(oof, reference_scores(run, inputs))
 
 
 def anchored_auc(table: pd.DataFrame) -> dict:

@@ -760,16 +760,24 @@ def prediction_provenance(run: LoadedRun, files, table, skipped, paths, submissi
 # out-of-fold evaluation of the ensemble (each fold's model on its own held-out scans)
 
 
+def model_view_probabilities(run: LoadedRun, model: FoldModel, volume: torch.Tensor, seed: int) -> np.ndarray:
+    """P(MCI) of every view of one preprocessed volume by one fold model of ``run`` alone."""
+    single = copy.copy(run)
+    single.models = [model]
+    return predict_views(single, volume, seed=seed)[0]
+
+
 def predict_out_of_fold(run_dir: str | Path, options: dict | None = None, role: str = "test",
-                        progress: bool = True) -> pd.DataFrame:
+                        progress: bool = True, run: LoadedRun | None = None) -> pd.DataFrame:
     """Per-view P(MCI) of every held-out scan of the run, by that fold's model only.
 
     Returns one row per (repeat, fold, scan) with ``label``, ``subject`` and ``probs`` (an array
     over the strategy's views, labelled by ``run.strategy.labels``): summarise any subset of the
-    views (no flips, one window...) from one pass.
+    views (no flips, one window...) from one pass. ``run``: the run already loaded with every fold
+    model (``options`` are then its own).
     """
     run_dir = Path(run_dir)
-    run = load_run(run_dir, {**(options or {}), "folds": "all"}, with_models=True)
+    run = run or load_run(run_dir, {**(options or {}), "folds": "all"}, with_models=True)
     folds = pd.read_csv(run_dir / "folds.csv", dtype={"scan_id": str})
     datalist = pd.read_csv(run_dir / "datalist.csv", dtype={"scan_id": str, "uuid": str}, keep_default_na=False)
     images = dict(zip(datalist["scan_id"], datalist["image"]))
@@ -786,12 +794,10 @@ def predict_out_of_fold(run_dir: str | Path, options: dict | None = None, role: 
 
 def _fold_out_of_fold(run: LoadedRun, model: FoldModel, folds: pd.DataFrame, images: dict, role: str) -> list[dict]:
     members = folds[(folds["repeat"] == model.repeat) & (folds["fold"] == model.fold) & (folds["role"] == role)]
-    single = copy.copy(run)
-    single.models = [model]
     rows = []
     for rec in members.itertuples(index=False):
         prep = preprocess_file(InputFile(Path(images[rec.scan_id]), 0), run)
-        probs = predict_views(single, prep.volume, seed=zlib.crc32(rec.scan_id.encode()))[0]
+        probs = model_view_probabilities(run, model, prep.volume, seed=zlib.crc32(rec.scan_id.encode()))
         rows.append({"repeat": model.repeat, "fold": model.fold, "scan_id": rec.scan_id, "subject": rec.subject,
                      "label": int(rec.label), "probs": probs})
     return rows
@@ -804,5 +810,6 @@ __all__ = [
     "load_run", "load_models", "LoadedRun", "collect_inputs", "preprocess_file", "prepare_all", "predict_views",
     "network_view_probabilities", "HeldOutViews",
     "summarise_views", "predict", "PredictionResult", "check_submission_text", "predict_out_of_fold",
+    "model_view_probabilities",
     "apply_tracking_affine", "sha256_file",
 ]

@@ -8,14 +8,9 @@ import pytest
 from scipy.stats import rankdata
 
 from petmonai.calibration import anchor, anchored_auc, anchored_out_of_fold, logit, reference_scores
-from petmonai.inference import predict_out_of_fold
+from petmonai.inference import load_run, predict_out_of_fold
 
-from test_inference import tiny_run_dir
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_run_dir(tmp_path_factory.getbasetemp())
+from test_inference import tiny  # noqa: F401  (the trained tiny run, a session fixture)
 
 
 def test_anchor_puts_fold_models_on_one_scale():
@@ -41,7 +36,7 @@ def test_anchored_out_of_fold_on_a_run(tiny):
     for _, fold in table.groupby(["repeat", "fold"]):  # within a fold only the scale changes, not the order
         assert (rankdata(fold["centred"]) == rankdata(fold["probability"])).all()
         assert (rankdata(fold["z"]) == rankdata(fold["probability"])).all()
-    ref = reference_scores(run, [cohort / "Test"], {"threads": 1})
+    ref = reference_scores(load_run(run, {"threads": 1, "folds": "all"}), [cohort / "Test"])
     assert len(ref) == 2 * 12 and set(ref["fold"]) == {0, 1}
     for _, scores in ref.groupby("fold"):  # the reference scans themselves, z-scored: mean 0, sd 1
         z = anchor(scores.assign(label=0), scores)["z"]
