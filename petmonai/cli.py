@@ -115,7 +115,7 @@ def export_main(argv=None) -> int:
                                      "elsewhere then needs no registration stack (SimpleITK, nilearn).")
     parser.add_argument("--data-root", required=True, help="competition-layout folder or CSV datalist")
     parser.add_argument("--output-dir", type=Path, required=True,
-                        help="exported volumes (Train/<class>/, Test/), train3d.yaml and exported.csv")
+                        help="exported volumes (Train/<class>/, Test/), datalist.csv, train3d.yaml and exported.csv")
     parser.add_argument("--config", type=Path, default=default_config_path())
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     parser.add_argument("--skip-bad", action="store_true",

@@ -6,7 +6,7 @@ exported volumes with the same tensors the original run sees (same values, same 
     >>> from petmonai.config import load_config
     >>> cfg = load_config(overrides=["data.root=../shared/data/pet2023"])
     >>> export_preprocessed(cfg, "prep6")          # doctest: +SKIP
-    python scripts/train3d.py --config prep6/train3d.yaml --data-root prep6
+    python scripts/train3d.py --config prep6/train3d.yaml --data-root prep6/datalist.csv
 
 The volumes are derived from patient data: keep them with the data, never in a repository.
 """
@@ -27,6 +27,7 @@ from petmonai.errors import DataError, PetmonaiError
 from petmonai.runs import atomic_write_bytes, atomic_write_csv, atomic_write_text, get_logger
 
 EXPORTED_CONFIG = "train3d.yaml"
+EXPORTED_DATALIST = "datalist.csv"
 
 # the exported volumes are already preprocessed: read them as they are
 LOAD_PREPROCESSED = [
@@ -44,17 +45,26 @@ def exported_path(out_dir: Path, row: dict) -> Path:
     return out_dir / "Test" / f"{row['uuid']}.nii.gz"
 
 
-def nifti_bytes(volume: np.ndarray, spacing, source: str | Path) -> bytes:
-    """Gzipped NIfTI of a (1, X, Y, Z) volume on a RAS grid of ``spacing`` mm, with the source's
-    ``db_name`` (the subject id the data layer reads)."""
+def nifti_bytes(volume: np.ndarray, spacing, db_name: str = "") -> bytes:
+    """Gzipped NIfTI of a (1, X, Y, Z) volume on a RAS grid of ``spacing`` mm; ``db_name``: the
+    subject id as the source header held it."""
     img = nib.Nifti1Image(np.asarray(volume[0], dtype=np.float32), np.diag([*map(float, spacing), 1.0]))
-    img.header["db_name"] = nib.load(str(source)).header["db_name"]
+    img.header["db_name"] = db_name
     return gzip.compress(img.to_bytes(), compresslevel=6)
+
+
+def exported_datalist(rows: list[dict]) -> pd.DataFrame:
+    """The CSV datalist of the export (:func:`petmonai.data.read_datalist_csv`): every exported scan
+    with the subject and site the source datalist gave it, also where they came from a CSV or a
+    file name rather than the header."""
+    return pd.DataFrame([{"image": r["exported"], "label": r["class_name"], "subject": r["subject"],
+                          "site": r["site"], "split": r["split"]} for r in rows],
+                        columns=["image", "label", "subject", "site", "split"])
 
 
 def exported_config(cfg: dict, out_dir: Path) -> dict:
     """``cfg`` with ``preprocess`` replaced by plain loading of the exported volumes."""
-    new = {**cfg, "preprocess": LOAD_PREPROCESSED, "data": {**cfg["data"], "root": str(out_dir)}}
+    new = {**cfg, "preprocess": LOAD_PREPROCESSED, "data": {**cfg["data"], "root": str(out_dir / EXPORTED_DATALIST)}}
     # the reference's raw-volume resampling would see exported volumes, not raw ones: a different model
     new["report"] = {**cfg.get("report", {}), "reference_model": False}
     return new
@@ -62,8 +72,9 @@ def exported_config(cfg: dict, out_dir: Path) -> dict:
 
 def export_preprocessed(cfg: dict, out_dir: str | Path, skip_bad: bool = False) -> pd.DataFrame:
     """Write every scan of ``cfg['data']['root']`` as ``cfg['preprocess']`` leaves it into ``out_dir``
-    (NIfTI, float32, RAS grid of ``cfg['spacing']``), plus ``train3d.yaml`` (the config on them) and
-    ``exported.csv`` (source, exported file, status). Each file is written atomically. A scan the
+    (NIfTI, float32, RAS grid of ``cfg['spacing']``), plus ``datalist.csv`` (the exported scans with
+    their subjects and sites), ``train3d.yaml`` (the config on them) and ``exported.csv`` (source,
+    exported file, status). Each file is written atomically. A scan the
     preprocessing rejects is an error naming it, or with ``skip_bad`` left out and listed."""
     log = get_logger()
     if not cfg["data"].get("root"):
@@ -76,7 +87,7 @@ def export_preprocessed(cfg: dict, out_dir: str | Path, skip_bad: bool = False) 
     datalist = discover(source_root, skip_bad=skip_bad, skipped=unreadable)
     preprocess = Compose(build_component(cfg, "preprocess"))
     rows = [{"source": item["image"], "exported": "", "status": f"skipped: {item['problem']}"} for item in unreadable]
-    files = {}  # every scan is preprocessed before any is written: an error leaves no partial export
+    files, exported = {}, []  # every scan is preprocessed before any is written: an error leaves no partial export
     for row in datalist.to_dict("records"):
         target = exported_path(out_dir, row)
         try:
@@ -89,13 +100,16 @@ def export_preprocessed(cfg: dict, out_dir: str | Path, skip_bad: bool = False) 
             rows.append({"source": row["image"], "exported": "", "status": f"skipped: {problem}"})
             log.warning("skipped %s: %s", row["image"], problem)
             continue
-        files[target] = nifti_bytes(np.asarray(volume), cfg["spacing"], row["image"])
+        db_name = row["subject"] if row["subject_source"] == "header" else ""
+        files[target] = nifti_bytes(np.asarray(volume), cfg["spacing"], db_name)
         rows.append({"source": row["image"], "exported": str(target.relative_to(out_dir)), "status": "ok"})
+        exported.append({**row, "exported": rows[-1]["exported"]})
     for target, data in files.items():
         atomic_write_bytes(target, data)
     table = pd.DataFrame(rows)
     atomic_write_csv(out_dir / "exported.csv", table)
+    atomic_write_csv(out_dir / EXPORTED_DATALIST, exported_datalist(exported))
     atomic_write_text(out_dir / EXPORTED_CONFIG, dump_yaml(exported_config(cfg, out_dir)))
-    log.info("exported %d volume(s) to %s (%d skipped); train with --config %s", len(files), out_dir,
-             len(rows) - len(files), out_dir / EXPORTED_CONFIG)
+    log.info("exported %d volume(s) to %s (%d skipped); train with --config %s --data-root %s", len(files), out_dir,
+             len(rows) - len(files), out_dir / EXPORTED_CONFIG, out_dir / EXPORTED_DATALIST)
     return table

@@ -14,7 +14,7 @@ import torch
 from monai.transforms import Compose
 
 from petmonai.cli import export_main
-from petmonai.config import build_component, load_config
+from petmonai.config import build_component, load_config, read_yaml
 from petmonai.data import discover
 from petmonai.errors import DataError
 from petmonai.export import export_preprocessed
@@ -30,13 +30,17 @@ def exported(tiny_cohort, fast_config, tmp_path_factory):
 
 def test_exported_volumes_are_the_preprocessed_tensors(tiny_cohort, fast_config, exported):
     original = load_config(overrides=[*fast_config, f"data.root={tiny_cohort}"])
-    exported_cfg = load_config(exported / "train3d.yaml", [f"data.root={exported}"])
+    exported_cfg = load_config(exported / "train3d.yaml")
     assert exported_cfg["model"] == original["model"] and exported_cfg["augment"] == original["augment"]
     before, after = (Compose(build_component(c, "preprocess")) for c in (original, exported_cfg))
-    source, export = discover(tiny_cohort), discover(exported)
+    source, export = discover(tiny_cohort), discover(exported / "datalist.csv")
     keys = ["uuid", "split", "class_name", "label", "subject", "site"]
     pd.testing.assert_frame_equal(source[keys].sort_values("uuid").reset_index(drop=True),
                                   export[keys].sort_values("uuid").reset_index(drop=True))
+    folder = discover(exported)  # the folder alone too: the header's subject id is kept
+    pd.testing.assert_frame_equal(source[keys].sort_values("uuid").reset_index(drop=True),
+                                  folder[keys].sort_values("uuid").reset_index(drop=True))
+    assert read_yaml(exported / "train3d.yaml")["data"]["root"] == str(exported / "datalist.csv")
     for src, dst in zip(source.sort_values("uuid")["image"], export.sort_values("uuid")["image"]):
         a, b = before({"image": src})["image"], after({"image": dst})["image"]
         assert tuple(a.shape) == tuple(b.shape) == (1, *original["spatial_size"])
@@ -69,3 +73,18 @@ def test_a_scan_that_cannot_be_preprocessed(tiny_cohort, fast_config, tmp_path):
     assert not (tmp_path / "out" / "Train" / "NC" / victim.name).exists()
     with pytest.raises(Exception, match="must not go into the data root"):
         export_preprocessed(cfg, data / "inside")
+
+
+def test_subjects_and_sites_of_a_csv_datalist_survive(tiny_cohort, fast_config, tmp_path):
+    """Subjects and sites that only a CSV datalist gave (not the headers) are kept by the export."""
+    source = discover(tiny_cohort)
+    listing = pd.DataFrame({"image": source["image"], "label": source["class_name"],
+                            "subject": [f"person{i // 2}" for i in range(len(source))],
+                            "site": [f"hospital{i % 3}" for i in range(len(source))], "split": source["split"]})
+    listing.to_csv(tmp_path / "list.csv", index=False)
+    cfg = load_config(overrides=[*fast_config, f"data.root={tmp_path / 'list.csv'}"])
+    export_preprocessed(cfg, tmp_path / "out")
+    before, after = discover(tmp_path / "list.csv"), discover(tmp_path / "out" / "datalist.csv")
+    keys = ["uuid", "split", "class_name", "subject", "site"]
+    pd.testing.assert_frame_equal(before[keys].sort_values("uuid").reset_index(drop=True),
+                                  after[keys].sort_values("uuid").reset_index(drop=True))
