@@ -1,6 +1,7 @@
 """Spatial normalisation (issue 8): template, affine registration with its cache, SUVR, template mask."""
 
 import glob
+import json
 
 import numpy as np
 import pytest
@@ -97,8 +98,51 @@ def test_a_failed_registration_names_the_file():
     two = MetaTensor(torch.ones(2, 20, 20, 20), meta={"filename_or_obj": "two_channels.nii"})
     with pytest.raises(DataError, match="two_channels.nii: registration needs one channel"):
         RegisterToTemplate(cache_dir=None)(two)
-    with pytest.raises(ValueError, match="rigid"):
-        RegisterToTemplate(transform="bspline")
+    with pytest.raises(ValueError, match="rigid, affine, bspline"):
+        RegisterToTemplate(transform="syn")
+    with pytest.raises(ValueError, match="bspline_mesh"):
+        RegisterToTemplate(transform="bspline", bspline_mesh=0)
+
+
+def warped_template(voxel=8.0, mesh=3, sd_mm=8.0):
+    """The template through a known smooth deformation (a random cubic B-spline), on a scanner's grid."""
+    t = mni_fdg_template(voxel)
+    warp = sitk.BSplineTransformInitializer(_to_sitk(t.image, t.affine), [mesh] * 3, order=3)
+    warp.SetParameters(np.random.default_rng(0).normal(0.0, sd_mm, len(warp.GetParameters())).tolist())
+    shape, spacing = (64, 64, 40), (3.0, 3.0, 4.0)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = [-(n - 1) * v / 2 for n, v in zip(shape, spacing)]
+    ref = _to_sitk(np.zeros(shape, np.float32), affine)
+    field = sitk.TransformToDisplacementField(warp, sitk.sitkVectorFloat64, ref.GetSize(), ref.GetOrigin(),
+                                              ref.GetSpacing(), ref.GetDirection())
+    fine = mni_fdg_template(4.0)
+    warped = _from_sitk(sitk.Resample(_to_sitk(fine.image, fine.affine), ref, sitk.DisplacementFieldTransform(field),
+                                      sitk.sitkLinear, 0.0))
+    return MetaTensor(torch.as_tensor(warped)[None], affine=torch.as_tensor(affine),
+                      meta={"filename_or_obj": "warped_template.nii.gz"})
+
+
+def test_deformable_registration_follows_a_warp_that_affine_cannot(tmp_path, monkeypatch):
+    t = mni_fdg_template(8.0)
+    img = warped_template()
+    affine_only = RegisterToTemplate(voxel=8.0, cache_dir=None)(img)
+    deformable = RegisterToTemplate(voxel=8.0, transform="bspline", bspline_mesh=3, cache_dir=tmp_path)(img)
+    before = correlation(affine_only[0].numpy(), t.image, t.brain())
+    after = correlation(deformable[0].numpy(), t.image, t.brain())
+    assert after > 0.94 and after > before + 0.05, (before, after)
+    # the output affine is the registration's affine part: the same as the affine-only one, up to the
+    # few millimetres the B-spline stage takes on
+    assert np.abs(np.asarray(deformable.affine) - np.asarray(affine_only.affine))[:3, 3].max() < 10.0
+    # the cache holds the B-spline's parameters, and the cached transform gives the same voxels
+    (entry,) = tmp_path.glob("*.json")
+    record = json.loads(entry.read_text())
+    assert record["transform"] == "bspline" and len(record["bspline"]) == 3 * 6 ** 3
+    monkeypatch.setattr(RegisterToTemplate, "_optimise", lambda *a, **k: pytest.fail("cache not used"))
+    again = RegisterToTemplate(voxel=8.0, transform="bspline", bspline_mesh=3, cache_dir=tmp_path)(img)
+    assert torch.equal(again, deformable)
+    # the affine transform keeps its own cache entry (its key does not change with bspline_mesh)
+    with pytest.raises(pytest.fail.Exception, match="cache not used"):
+        RegisterToTemplate(voxel=8.0, cache_dir=tmp_path)(img)
 
 
 def test_reference_region_normalisation_and_template_mask():
