@@ -2,13 +2,27 @@
 
 Small brain-PET data sets mix sites, scanners and protocols, repeat subjects, and reuse
 Train subjects in Test. A model trained on such data can learn the scanner instead of the
-disease. The audit makes these facts visible before any training::
+disease. The audit makes these facts visible before any training. Here on a tiny synthetic
+cohort (:mod:`petmonai.synthetic`, in a temporary folder) whose classes come from disjoint sites
+and scanner protocols, as in the real data; pass your data folder instead::
 
+    >>> import tempfile
+    >>> from pathlib import Path
     >>> from petmonai.data import discover
+    >>> from petmonai.synthetic import generate_cohort
     >>> from petmonai.audit import audit_datalist, audit_markdown, write_audit
-    >>> report = audit_datalist(discover("../shared/data/pet2023"))
-    >>> print(audit_markdown(report))
-    >>> write_audit(report, "runs/audit")      # audit.json + audit.md
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> root = generate_cohort(Path(tmp.name) / "pet", n_nc=4, n_mci=4, n_test=2, seed=0, confounded=True)
+    >>> report = audit_datalist(discover(root))   # e.g. discover("../shared/data/pet2023")
+    >>> print(audit_markdown(report))             # doctest: +ELLIPSIS
+    # Data audit
+    <BLANKLINE>
+    ## Warnings
+    <BLANKLINE>
+    > **WARNING: no site contributes both classes: site separates the classes (NC: 036 073 153; MCI: 013 132 146)...
+    >>> sorted(write_audit(report, Path(tmp.name) / "audit"))   # audit.json + audit.md
+    ['json', 'markdown']
+    >>> tmp.cleanup()
 
 The report is a plain, JSON-serialisable ``dict``. Its ``warnings`` list holds loud strings
 (each begins with ``WARNING``) for problems that can invalidate a result: site/class

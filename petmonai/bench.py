@@ -1,7 +1,7 @@
 """Speed and memory measurements, reported as ratios measured in one run (these machines are noisy).
 
->>> results = benchmark_training(cfg, datalist, device, epochs=3)
->>> results["engine_overhead"]    # our Ignite trainer / a bare PyTorch loop, same model and batches
+>>> results = benchmark_training(cfg, datalist, device, epochs=3)  # doctest: +SKIP
+>>> results["engine_overhead"]    # our Ignite trainer / a bare PyTorch loop, same model and batches  # doctest: +SKIP
 
 ``scripts/bench.py`` runs these and writes ``docs/benchmarks.md``.
 """

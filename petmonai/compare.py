@@ -1,6 +1,6 @@
 """2D 50-slice ResNet-18 vs the default 3D CNN (configs/train3d.yaml; and the PCA + LR reference) on identical folds.
 
->>> summary = compare(data_root, out_dir, protocols=["subject"], models=["3d", "2d", "reference"])
+>>> summary = compare(data_root, out_dir, protocols=["subject"], models=["3d", "2d", "reference"])  # doctest: +SKIP
 
 Each model trains in its own process through ``train3d.py`` (so its peak memory is its own) into
 ``OUT/<protocol>/<model>/``, a complete run folder with its report; the first run's

@@ -1,7 +1,7 @@
 """Cross-validated training: one model per fold, out-of-fold predictions, pooled metrics.
 
->>> result = run_cross_validation(cfg, datalist, run_dir, device)
->>> result["metrics"]["pooled"]["roc_auc"]
+>>> result = run_cross_validation(cfg, datalist, run_dir, device)  # doctest: +SKIP
+>>> result["metrics"]["pooled"]["roc_auc"]  # doctest: +SKIP
 
 Per fold the model trains on the ``train`` scans; with ``train.keep: best`` it picks its best
 epoch and stops early on the ``val`` scans (training subjects set aside), with ``train.keep: last``

@@ -1,10 +1,23 @@
 """Data discovery: the competition folder layout or a CSV datalist, with header metadata.
 
-One row per scan in a pandas DataFrame (the *datalist*)::
+One row per scan in a pandas DataFrame (the *datalist*). Here of a tiny synthetic cohort
+(:mod:`petmonai.synthetic`) in a temporary folder; pass your data folder instead::
 
+    >>> import tempfile
+    >>> from pathlib import Path
     >>> from petmonai.data import discover
-    >>> df = discover("../shared/data/pet2023")
-    >>> df[["uuid", "split", "class_name", "subject", "site"]].head()
+    >>> from petmonai.synthetic import generate_cohort
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> root = generate_cohort(Path(tmp.name) / "pet", n_nc=2, n_mci=2, n_test=1, seed=0)
+    >>> df = discover(root)                      # e.g. discover("../shared/data/pet2023")
+    >>> df[["scan_id", "uuid", "split", "class_name", "label", "subject", "site"]]  # doctest: +NORMALIZE_WHITESPACE
+      scan_id uuid  split class_name  label     subject site
+    0   MCI/1    1  train        MCI      1  153_S_9667  153
+    1   MCI/2    2  train        MCI      1  036_S_1154  036
+    2    NC/1    1  train         NC      0  153_S_6478  153
+    3    NC/2    2  train         NC      0  036_S_9555  036
+    4  test/1    1   test                -1  105_S_1728  105
+    >>> tmp.cleanup()
 
 Columns: ``scan_id`` (``MCI/12``, ``test/7``: stable across machines), ``image`` (absolute path), ``uuid`` (file stem), ``split`` (train/test),
 ``class_name`` (NC/MCI, '' for test), ``label`` (MCI = 1, NC = 0, -1 unlabelled),

@@ -1,10 +1,35 @@
 """Datasets: the deterministic preprocessing cached once per volume, and fold views of it.
 
+Items are :func:`petmonai.data.to_items` dicts and ``preprocess`` the config's ``preprocess``
+transforms in training; here two tiny NIfTI files written to a temporary folder and a short
+MONAI pipeline:
+
+>>> import tempfile
+>>> from pathlib import Path
+>>> import nibabel as nib, numpy as np
+>>> from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, RandFlipd, ScaleIntensityd
+>>> tmp = tempfile.TemporaryDirectory()
+>>> items = []
+>>> for scan_id in ["MCI/3", "NC/1"]:
+...     path = Path(tmp.name) / (scan_id.replace("/", "_") + ".nii.gz")
+...     nib.save(nib.Nifti1Image(np.random.rand(8, 8, 8).astype(np.float32), np.eye(4)), path)
+...     items.append({"image": str(path), "label": int(scan_id.startswith("MCI")), "scan_id": scan_id})
+>>> preprocess = Compose([LoadImaged("image"), EnsureChannelFirstd("image"), ScaleIntensityd("image")])
 >>> cache = VolumeCache(items, preprocess)          # decodes every NIfTI once (MONAI CacheDataset)
+>>> augment = RandFlipd("image", prob=0.5, spatial_axis=0)
 >>> train_ds = cache.subset(["MCI/3", "NC/1"], transform=augment)   # random augmentation per epoch
+>>> len(train_ds), tuple(train_ds[0]["image"].shape)
+(2, (1, 8, 8, 8))
 
 A file that fails preprocessing is reported by name; with ``skip_bad=True`` it is left out and
-listed in ``cache.skipped`` instead.
+listed in ``cache.skipped`` instead:
+
+>>> broken = Path(tmp.name) / "NC_2.nii.gz"
+>>> _ = broken.write_bytes(b"not a NIfTI file")
+>>> cache = VolumeCache(items + [{"image": str(broken), "label": 0, "scan_id": "NC/2"}], preprocess, skip_bad=True)
+>>> cache.scan_ids, [Path(item["image"]).name for item in cache.skipped]
+(['MCI/3', 'NC/1'], ['NC_2.nii.gz'])
+>>> tmp.cleanup()
 """
 
 from __future__ import annotations

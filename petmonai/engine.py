@@ -1,7 +1,7 @@
 """Training and evaluation engines: MONAI ``SupervisedTrainer``/``SupervisedEvaluator`` (Ignite).
 
->>> trainer, evaluator = build_engines(net, train_loader, val_loader, fold_dir, train_cfg, device)
->>> trainer.run()
+>>> trainer, evaluator = build_engines(net, train_loader, val_loader, fold_dir, train_cfg, device)  # doctest: +SKIP
+>>> trainer.run()  # doctest: +SKIP
 
 Mixed precision runs on CUDA only (bf16 where the GPU supports it, else fp16 with a gradient
 scaler); on CPU the same code runs in plain fp32. The other speed switches of ``train:``
@@ -458,8 +458,8 @@ class TrainingState:
     the checkpoint (``rank_rng``), rank 0 writes it, and on resume rank 0 reads it and sends it
     to the others.
 
-    >>> state = TrainingState(fold_dir / "checkpoint.pt", trainer, evaluator, augment, generator)
-    >>> state.attach(trainer); state.restore()   # restore() is a no-op when no checkpoint exists
+    >>> state = TrainingState(fold_dir / "checkpoint.pt", trainer, evaluator, augment, generator)  # doctest: +SKIP
+    >>> state.attach(trainer); state.restore()   # restore() is a no-op when no checkpoint exists  # doctest: +SKIP
     """
 
     def __init__(self, path, trainer, evaluator, augment, generator: torch.Generator | None, history=None):

@@ -1,6 +1,6 @@
 """Preprocessing experiments: one row per configuration, site-pair and subject-grouped AUC side by side.
 
->>> rows = run_experiments(["configs/train3d.yaml", "configs/experiments/mask.yaml"], data_root, out_dir)
+>>> rows = run_experiments(["configs/train3d.yaml", "configs/experiments/mask.yaml"], data_root, out_dir)  # doctest: +SKIP
 
 Every configuration is cross-validated under each protocol on the same folds (the first run's
 ``folds.csv``) with the same options; the reference model of each run is fitted on that run's own

@@ -7,8 +7,8 @@
       -> the run's decision threshold -> ``submission.csv``, ``probabilities.csv``, provenance
 
 >>> from petmonai.inference import predict
->>> result = predict("runs/real", ["../shared/data/pet2023/Test"], "out/submission.csv")
->>> result.table[["uuid", "prob_mci", "label"]].head()
+>>> result = predict("runs/real", ["../shared/data/pet2023/Test"], "out/submission.csv")  # doctest: +SKIP
+>>> result.table[["uuid", "prob_mci", "label"]].head()  # doctest: +SKIP
 
 How a volume is turned into network inputs is a *view strategy* (:mod:`petmonai.views`),
 chosen by ``inference.views`` in the run config (``auto``: from the model): sliding windows x
@@ -546,8 +546,18 @@ class HeldOutViews:
     size x left-right flips), by that fold's network alone. Cross-validation uses it with
     ``cv.test_views: inference``, so its out-of-fold metrics describe the predictor users run.
 
+    >>> import torch
+    >>> from petmonai.config import load_config
+    >>> from petmonai.models import build_model
+    >>> cfg = load_config()                  # the run's config (configs/train3d.yaml here)
     >>> scorer = HeldOutViews(cfg, torch.device("cpu"), amp=False)
-    >>> scorer(net, {"scan_7": volume})      # -> array([0.83])
+    >>> scorer.describe(cfg["spatial_size"])["n_views"]   # 8 sliding windows x 2 flips
+    16
+    >>> net = build_model(cfg["model"])      # a fold's network (untrained here)
+    >>> volume = torch.rand(1, *cfg["spatial_size"])     # a preprocessed held-out scan
+    >>> probs = scorer(net, {"scan_7": volume})          # one mean P(MCI) per scan
+    >>> probs.shape, bool(0.0 < probs[0] < 1.0)
+    ((1,), True)
     """
 
     def __init__(self, cfg: dict, device: torch.device, amp: bool = True):

@@ -2,8 +2,14 @@
 
 >>> classification_metrics([0, 1, 1], [0.2, 0.7, 0.4])["roc_auc"]
 1.0
+>>> labels   = [0, 0, 0, 0, 1, 1, 1, 1]
+>>> probs    = [0.1, 0.3, 0.2, 0.6, 0.7, 0.4, 0.9, 0.8]
+>>> subjects = ["a", "a", "b", "c", "d", "e", "e", "f"]     # a and e were scanned twice
 >>> ci = subject_bootstrap(labels, probs, subjects, threshold=0.5, n_boot=1000)
->>> ci["roc_auc"]            # {"value": 0.84, "ci_low": 0.70, "ci_high": 0.95, "n_valid": 1000}
+>>> ci["unit"], ci["n_units"]
+('subject', 6)
+>>> {key: round(value, 2) for key, value in ci["roc_auc"].items()}
+{'value': 0.94, 'ci_low': 0.73, 'ci_high': 1.0, 'n_valid': 1000}
 
 Why subjects, not scans: repeated scans of one person are not independent observations. A
 bootstrap that resamples scans treats three visits of one healthy volunteer as three pieces of
@@ -295,8 +301,11 @@ def tune_threshold(labels, probs, default: float = 0.5) -> tuple[float, str]:
     validation set does not push the threshold to an extreme. Returns ``(threshold, source)``;
     when the validation scans lack a class it returns ``(default, reason)``.
 
-    >>> tune_threshold([0, 0, 1, 1], [0.1, 0.3, 0.35, 0.9])[0]
-    0.325
+    >>> threshold, source = tune_threshold([0, 0, 1, 1], [0.1, 0.3, 0.35, 0.9])
+    >>> round(threshold, 6), source     # the midpoint of 0.3 and 0.35 (0.32499999999999996 as a float)
+    (0.325, 'tuned on validation subjects (max balanced accuracy)')
+    >>> tune_threshold([0, 0], [0.1, 0.3])
+    (0.5, 'default: validation scans hold one class only')
     """
     y = np.asarray(labels, dtype=int)
     p = np.asarray(probs, dtype=float)

@@ -8,8 +8,8 @@ Its outputs have the CNN's formats, in ``<run>/reference/``: ``oof_predictions.c
 ``val_predictions.csv`` and ``metrics.json``, so every report shows both side by side::
 
     >>> from petmonai.reference import run_reference_cv
-    >>> result = run_reference_cv(cfg, train_datalist, folds, "runs/x/reference")
-    >>> result["metrics"]["headline"]["text"]
+    >>> result = run_reference_cv(cfg, train_datalist, folds, "runs/x/reference")  # doctest: +SKIP
+    >>> result["metrics"]["headline"]["text"]  # doctest: +SKIP
 
 Preprocessing (``reference.preprocessing`` in the config):
 
@@ -28,8 +28,8 @@ Preprocessing (``reference.preprocessing`` in the config):
 Model: ``StandardScaler -> PCA(n_components) -> LogisticRegression(C)`` (scikit-learn); defaults
 20 components, C=1. Standalone use, e.g. as one model of a comparison script::
 
-    >>> features = reference_features(cfg, train)          # decode once, reuse for several fold tables
-    >>> run_reference_cv(cfg, train, load_folds("runs/a/folds.csv", train), "runs/b/reference",
+    >>> features = reference_features(cfg, train)          # decode once, reuse for several fold tables  # doctest: +SKIP
+    >>> run_reference_cv(cfg, train, load_folds("runs/a/folds.csv", train), "runs/b/reference",  # doctest: +SKIP
     ...                  features=features)
 """
 

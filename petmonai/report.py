@@ -2,7 +2,7 @@
 an engineer.
 
     >>> from petmonai.report import build_report
-    >>> build_report("runs/train3d-20240101-120000")      # -> Path of report.md
+    >>> build_report("runs/train3d-20240101-120000")      # -> Path of report.md  # doctest: +SKIP
 
 What it reads (all written by training; only ``metrics.json`` and ``oof_predictions.csv`` are
 required): ``metrics.json``, ``oof_predictions.csv``, ``reference/metrics.json`` and

@@ -5,8 +5,23 @@ A fold table has one row per (repeat, fold, scan) with the scan's ``role`` in th
 threshold tuning; drawn from the training subjects) or ``test`` (the held-out scans the fold is
 evaluated on). Scans a fold does not use (e.g. other sites' scans in none of its roles) are absent.
 
+>>> import pandas as pd
+>>> train_df = pd.DataFrame({               # labelled datalist rows: 10 subjects, 2 scans each
+...     "scan_id": [f"scan{i}" for i in range(20)],
+...     "subject": [f"S{i // 2}" for i in range(20)],
+...     "site": ["A", "B"] * 10,
+...     "label": [0] * 10 + [1] * 10,
+... })
 >>> folds = make_folds(train_df, protocol="subject", n_folds=5, repeats=1, seed=0)
->>> folds.groupby(["fold", "role"]).size()
+>>> folds.groupby(["fold", "role"]).size().unstack()  # doctest: +NORMALIZE_WHITESPACE
+role  test  train  val
+fold
+0        4     12    4
+1        4     12    4
+2        4     12    4
+3        4     12    4
+4        4     12    4
+>>> check_no_leak(folds)                    # raises if a subject is on both sides of a fold
 
 Protocols
 - ``subject``: stratified K-fold grouped by subject (no subject on both sides);

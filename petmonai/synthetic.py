@@ -565,9 +565,16 @@ def generate_cohort(
 ) -> Path:
     """Write a synthetic cohort in the challenge layout; return ``out_dir``.
 
-    >>> root = generate_cohort(tmp_path / "pet", n_nc=4, n_mci=4, n_test=3, seed=1)
-    >>> pandas.read_csv(root / "synthetic_truth.csv", dtype=str).columns.tolist()
+    >>> import tempfile, pandas
+    >>> from pathlib import Path
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> root = generate_cohort(Path(tmp.name) / "pet", n_nc=4, n_mci=4, n_test=3, seed=1)
+    >>> truth = pandas.read_csv(root / "synthetic_truth.csv", dtype=str)
+    >>> truth.columns.tolist()
     ['split', 'class_name', 'uuid', 'file', 'subject', 'site', 'severity']
+    >>> truth["split"].value_counts().to_dict()
+    {'Train': 8, 'Test': 3}
+    >>> tmp.cleanup()
 
     Args:
         out_dir: the cohort folder. It is written as a temporary sibling and renamed into
@@ -655,7 +662,7 @@ def default_cohort_dir(seed: int = 0, **params) -> Path:
 def cached_cohort(seed: int = 0, **params) -> Path:
     """The cohort in its :func:`default_cohort_dir`, generated on first use.
 
-    >>> root = cached_cohort(seed=0)  # ~/.cache/petmonai/synthetic/phantom-v2-.../
+    >>> root = cached_cohort(seed=0)  # ~/.cache/petmonai/synthetic/phantom-v2-.../  # doctest: +SKIP
     """
     return generate_cohort(default_cohort_dir(seed, **params), seed=seed, **params)
 
