@@ -3,10 +3,13 @@
 These are SYNTHETIC phantoms, not patient data. The demo and the tests use them when the real
 data set is absent. A cohort is written in the 2023 brain-PET challenge layout::
 
+    >>> import tempfile
     >>> from petmonai.synthetic import generate_cohort
-    >>> root = generate_cohort("/tmp/pet_phantoms", n_nc=20, n_mci=20, n_test=12, seed=0)
+    >>> folder = tempfile.TemporaryDirectory()  # e.g. "data/phantoms"
+    >>> root = generate_cohort(folder.name + "/phantoms", n_nc=3, n_mci=3, n_test=2, seed=0)
     >>> sorted(p.name for p in root.iterdir())
     ['README.txt', 'Test', 'Train', 'synthetic_params.json', 'synthetic_truth.csv']
+    >>> folder.cleanup()
 
 ``Train/NC/<n>.nii.gz``, ``Train/MCI/<n>.nii.gz`` and ``Test/<uuid>.nii.gz`` (``n``, ``uuid`` =
 1, 2, ...), plus ``synthetic_truth.csv`` (one row per file, Test rows with their true class).
