@@ -250,7 +250,8 @@ class RegisterToTemplate(Transform):
 
     Mattes mutual information, a rigid stage then an affine stage, each over two resolution levels,
     and with ``transform="bspline"`` a cubic B-spline stage on top (``bspline_mesh`` control-grid
-    cells per axis over the template's field of view: coarse, ~50 mm at the default 4),
+    cells per axis over the template's field of view: coarse, ~50 mm at the default 4; no point
+    moves more than ``bspline_max_mm`` per axis beyond the affine fit),
     every voxel of the template brain in the metric (no random sampling, so a mirrored scan finds
     the mirrored transform): the same input gives the same transform (to ~1e-7; ITK's threads may
     sum in another order), and the cache makes later runs read the identical one. The transform
@@ -268,13 +269,15 @@ class RegisterToTemplate(Transform):
 
     def __init__(self, voxel: float = 4.0, fwhm: float = 8.0, transform: str = "affine",
                  cache_dir: str | Path | None = "default", min_correlation: float = 0.25,
-                 iterations: int = 200, bspline_mesh: int = 4):
+                 iterations: int = 200, bspline_mesh: int = 4, bspline_max_mm: float = 8.0):
         if transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {', '.join(TRANSFORMS)}, not {transform!r}")
         if int(bspline_mesh) < 1:
             raise ValueError(f"bspline_mesh must be a positive number of control-grid cells, not {bspline_mesh!r}")
+        if not float(bspline_max_mm) > 0:
+            raise ValueError(f"bspline_max_mm must be a positive displacement in mm, not {bspline_max_mm!r}")
         self.voxel, self.fwhm, self.transform = float(voxel), float(fwhm), transform
-        self.bspline_mesh = int(bspline_mesh)
+        self.bspline_mesh, self.bspline_max_mm = int(bspline_mesh), float(bspline_max_mm)
         self.cache_dir = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
         self.min_correlation, self.iterations = float(min_correlation), int(iterations)
         self.last_correlation: float | None = None
@@ -290,7 +293,7 @@ class RegisterToTemplate(Transform):
         settings = dict(voxel=self.voxel, fwhm=self.fwhm, transform=self.transform, iterations=self.iterations,
                         version=4)
         if self.transform == "bspline":  # only here, so affine and rigid cache entries stay valid
-            settings["bspline_mesh"] = self.bspline_mesh
+            settings.update(bspline_mesh=self.bspline_mesh, bspline_max_mm=self.bspline_max_mm)
         h.update(json.dumps(settings, sort_keys=True).encode())
         return h.hexdigest()
 
@@ -363,8 +366,10 @@ class RegisterToTemplate(Transform):
             return fitted
         affine_tfm = _affine_transform(_lps_matrix(fitted))
         # deformable: a cubic B-spline on a coarse control grid (bspline_mesh cells per axis over the
-        # template's field of view, ~50 mm at 4 cells) refines the affine fit; coarse, because the
-        # scans are smoothed to ~9 mm and a fine grid would warp hypometabolism away
+        # template's field of view, ~50 mm at 4 cells) refines the affine fit; coarse and bounded
+        # (every control point moves at most bspline_max_mm per axis, so every point of the brain
+        # does), because the scans are smoothed to ~9 mm: unbounded, mutual information pulled
+        # parts of real brains 20-65 mm
         bspline = sitk.BSplineTransformInitializer(fixed, [self.bspline_mesh] * 3, order=3)
         reg = sitk.ImageRegistrationMethod()
         reg.SetNumberOfThreads(1)
@@ -374,7 +379,8 @@ class RegisterToTemplate(Transform):
         reg.SetInterpolator(sitk.sitkLinear)
         reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=self.iterations // 2,
                                  maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=1000,
-                                 costFunctionConvergenceFactor=1e7)
+                                 costFunctionConvergenceFactor=1e7,
+                                 lowerBound=-self.bspline_max_mm, upperBound=self.bspline_max_mm)
         reg.SetShrinkFactorsPerLevel([2, 1])
         reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
         reg.SetMovingInitialTransform(affine_tfm)
@@ -422,10 +428,11 @@ class RegisterToTemplated(MapTransform):
 
     def __init__(self, keys: KeysCollection = "image", voxel: float = 4.0, fwhm: float = 8.0,
                  transform: str = "affine", cache_dir: str | Path | None = "default", min_correlation: float = 0.25,
-                 iterations: int = 200, bspline_mesh: int = 4, allow_missing_keys: bool = False):
+                 iterations: int = 200, bspline_mesh: int = 4, bspline_max_mm: float = 8.0,
+                 allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.register = RegisterToTemplate(voxel, fwhm, transform, cache_dir, min_correlation, iterations,
-                                           bspline_mesh)
+                                           bspline_mesh, bspline_max_mm)
 
     def __call__(self, data):
         d = dict(data)

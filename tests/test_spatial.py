@@ -102,6 +102,8 @@ def test_a_failed_registration_names_the_file():
         RegisterToTemplate(transform="syn")
     with pytest.raises(ValueError, match="bspline_mesh"):
         RegisterToTemplate(transform="bspline", bspline_mesh=0)
+    with pytest.raises(ValueError, match="bspline_max_mm"):
+        RegisterToTemplate(transform="bspline", bspline_max_mm=0)
 
 
 def warped_template(voxel=8.0, mesh=3, sd_mm=8.0):
@@ -137,6 +139,9 @@ def test_deformable_registration_follows_a_warp_that_affine_cannot(tmp_path, mon
     (entry,) = tmp_path.glob("*.json")
     record = json.loads(entry.read_text())
     assert record["transform"] == "bspline" and len(record["bspline"]) == 3 * 6 ** 3
+    # bounded: no control point (so no point of the brain) moves more than bspline_max_mm per axis;
+    # the known warp's control points move up to ~20 mm, so the bound is active here
+    assert np.abs(record["bspline"]).max() <= 8.0 + 1e-9
     monkeypatch.setattr(RegisterToTemplate, "_optimise", lambda *a, **k: pytest.fail("cache not used"))
     again = RegisterToTemplate(voxel=8.0, transform="bspline", bspline_mesh=3, cache_dir=tmp_path)(img)
     assert torch.equal(again, deformable)
