@@ -335,7 +335,8 @@ class RegisterToTemplate(Transform):
         fixed_mask = _to_sitk(template.brain(margin=2).astype(np.float32), template.affine)
         fixed_mask = sitk.Cast(fixed_mask, sitk.sitkUInt8)
 
-        def run(initial):
+        def method():
+            """Every stage's metric: Mattes MI over the template brain, two resolution levels."""
             reg = sitk.ImageRegistrationMethod()
             reg.SetNumberOfThreads(1)
             reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
@@ -344,12 +345,16 @@ class RegisterToTemplate(Transform):
             reg.SetMetricSamplingStrategy(reg.NONE)
             reg.SetMetricFixedMask(fixed_mask)
             reg.SetInterpolator(sitk.sitkLinear)
+            reg.SetShrinkFactorsPerLevel([2, 1])
+            reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
+            return reg
+
+        def run(initial):
+            reg = method()
             reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4,
                                                          numberOfIterations=self.iterations,
                                                          relaxationFactor=0.5)
             reg.SetOptimizerScalesFromPhysicalShift()
-            reg.SetShrinkFactorsPerLevel([2, 1])
-            reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
             reg.SetInitialTransform(initial, inPlace=False)
             return reg.Execute(fixed, sitk.Cast(moving, sitk.sitkFloat32))
 
@@ -371,18 +376,11 @@ class RegisterToTemplate(Transform):
         # does), because the scans are smoothed to ~9 mm: unbounded, mutual information pulled
         # parts of real brains 20-65 mm
         bspline = sitk.BSplineTransformInitializer(fixed, [self.bspline_mesh] * 3, order=3)
-        reg = sitk.ImageRegistrationMethod()
-        reg.SetNumberOfThreads(1)
-        reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-        reg.SetMetricSamplingStrategy(reg.NONE)
-        reg.SetMetricFixedMask(fixed_mask)
-        reg.SetInterpolator(sitk.sitkLinear)
+        reg = method()
         reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=self.iterations // 2,
                                  maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=1000,
                                  costFunctionConvergenceFactor=1e7,
                                  lowerBound=-self.bspline_max_mm, upperBound=self.bspline_max_mm)
-        reg.SetShrinkFactorsPerLevel([2, 1])
-        reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
         reg.SetMovingInitialTransform(affine_tfm)
         reg.SetInitialTransform(bspline, inPlace=True)
         reg.Execute(fixed, sitk.Cast(moving, sitk.sitkFloat32))
