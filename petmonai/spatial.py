@@ -253,8 +253,9 @@ class RegisterToTemplate(Transform):
     cells per axis over the template's field of view: coarse, ~50 mm at the default 4; no point
     moves more than ``bspline_max_mm`` per axis beyond the affine fit),
     every voxel of the template brain in the metric (no random sampling, so a mirrored scan finds
-    the mirrored transform): the same input gives the same transform (to ~1e-7; ITK's threads may
-    sum in another order), and the cache makes later runs read the identical one. The transform
+    the mirrored transform) and one work unit per registration (the metric sums in one fixed
+    order): the same input gives the same transform bit for bit, in any process on any run, and the
+    cache makes later runs read it without optimising. The transform
     is cached in ``cache_dir`` (a small JSON per scan) under a hash of the input voxels, affine and
     settings, so the expensive part runs once per scan (written to a temporary file, then renamed). A registration
     whose result correlates below ``min_correlation`` with the template inside the brain is a
@@ -339,6 +340,7 @@ class RegisterToTemplate(Transform):
             """Every stage's metric: Mattes MI over the template brain, two resolution levels."""
             reg = sitk.ImageRegistrationMethod()
             reg.SetNumberOfThreads(1)
+            reg.SetNumberOfWorkUnits(1)  # one chunk: the metric's sums in one fixed order (deterministic)
             reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
             # every voxel of the (mirror-symmetric) template mask, not a random half: no sampling
             # noise, so a left-right mirrored scan registers to the mirrored transform

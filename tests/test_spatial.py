@@ -88,7 +88,9 @@ def test_registration_is_reproducible_without_cache():
     img = moved_template(shift_mm=(-4.0, 3.0, -6.0), angle=-0.05)
     a = RegisterToTemplate(cache_dir=None)(img)
     b = RegisterToTemplate(cache_dir=None)(img)
-    assert torch.allclose(a, b, atol=1e-4)  # ITK threads may sum in another order: ~1e-7 apart
+    # bit for bit: with ITK's default work split the metric's sums came in a varying order, and
+    # real scans' transforms differed by up to ~0.01 from run to run
+    assert torch.equal(a, b)
 
 
 def test_a_failed_registration_names_the_file():
