@@ -418,7 +418,7 @@ class RegisterToTemplate(Transform):
         meta["registration_correlation"] = corr
         # the affine says where each template-grid voxel was sampled in the scanner's world, so a
         # map computed on this grid (Grad-CAM) resamples back onto the input file through affines only
-        # (deformable: its affine part; the warp is a few mm on top and is not followed back)
+        # (deformable: its affine part; the warp, at most bspline_max_mm per axis, is not followed back)
         world = ras_matrix(_affine_part(tfm)) @ template.affine
         return MetaTensor(torch.as_tensor(np.ascontiguousarray(out))[None], affine=torch.as_tensor(world), meta=meta)
 
