@@ -23,6 +23,7 @@ from monai.transforms import Compose
 
 from petmonai.config import build_component, dump_yaml
 from petmonai.data import discover
+from petmonai.datasets import describe_failure
 from petmonai.errors import DataError, PetmonaiError
 from petmonai.runs import atomic_write_bytes, atomic_write_csv, atomic_write_text, get_logger
 
@@ -92,9 +93,8 @@ def export_preprocessed(cfg: dict, out_dir: str | Path, skip_bad: bool = False) 
         target = exported_path(out_dir, row)
         try:
             volume = preprocess({"image": row["image"]})["image"]
-        except Exception as err:  # MONAI wraps the transform's own error (DataError: names the problem)
-            cause = err.__cause__ if isinstance(err.__cause__, DataError) else err
-            problem = cause.problem if isinstance(cause, DataError) else f"{type(cause).__name__}: {cause}"
+        except Exception as err:  # MONAI wraps the transform's own error: report its innermost message
+            problem = describe_failure(err)
             if not skip_bad:
                 raise DataError(row["image"], f"cannot be preprocessed: {problem}") from None
             rows.append({"source": row["image"], "exported": "", "status": f"skipped: {problem}"})
