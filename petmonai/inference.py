@@ -30,6 +30,7 @@ import hashlib
 import json
 import time
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -793,21 +794,28 @@ def predict_out_of_fold(run_dir: str | Path, options: dict | None = None, role: 
     images = dict(zip(datalist["scan_id"], datalist["image"]))
     rows = []
     models = {(m.repeat, m.fold): m for m in run.models}
+    # a scan is held out once per repeat: preprocess it once, keep it until its last use
+    uses = Counter(folds.loc[folds["role"] == role, "scan_id"])
+    volumes: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()
     with torch_threads(run.options["threads"]):
         for (repeat, fold), model in models.items():
-            rows += _fold_out_of_fold(run, model, folds, images, role)
+            rows += _fold_out_of_fold(run, model, folds, images, role, volumes, uses)
             if progress:
                 log.info("out-of-fold: repeat %d fold %d done (%.0fs)", repeat, fold, time.perf_counter() - t0)
     return pd.DataFrame(rows)
 
 
-def _fold_out_of_fold(run: LoadedRun, model: FoldModel, folds: pd.DataFrame, images: dict, role: str) -> list[dict]:
+def _fold_out_of_fold(run: LoadedRun, model: FoldModel, folds: pd.DataFrame, images: dict, role: str,
+                      volumes: dict, uses: Counter) -> list[dict]:
     members = folds[(folds["repeat"] == model.repeat) & (folds["fold"] == model.fold) & (folds["role"] == role)]
     rows = []
     for rec in members.itertuples(index=False):
-        prep = preprocess_file(InputFile(Path(images[rec.scan_id]), 0), run)
-        probs = model_view_probabilities(run, model, prep.volume, seed=zlib.crc32(rec.scan_id.encode()))
+        if rec.scan_id not in volumes:
+            volumes[rec.scan_id] = preprocess_file(InputFile(Path(images[rec.scan_id]), 0), run).volume
+        uses[rec.scan_id] -= 1
+        volume = volumes[rec.scan_id] if uses[rec.scan_id] > 0 else volumes.pop(rec.scan_id)
+        probs = model_view_probabilities(run, model, volume, seed=zlib.crc32(rec.scan_id.encode()))
         rows.append({"repeat": model.repeat, "fold": model.fold, "scan_id": rec.scan_id, "subject": rec.subject,
                      "label": int(rec.label), "probs": probs})
     return rows
