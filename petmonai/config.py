@@ -75,8 +75,6 @@ SCHEMA: dict[str, Any] = {
         "train_on_val": bool,           # with keep=last, a fold's validation scans join its training scans
         "label_smoothing": _NUM,        # cross-entropy label smoothing (petmonai.engine.training_loss)
         "mixup_alpha": _NUM,            # mixup of training batches, Beta(alpha, alpha); 0 = off (MixUpBatch)
-        "input_standardise": bool,
-        "input_standardise_floor": _NUM,
         "amp": bool,
         "num_workers": int,
         "prefetch_thread": (bool, str),  # auto | true | false: num_workers 0, augment in a background thread

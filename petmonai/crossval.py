@@ -178,17 +178,6 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
         out_dir.mkdir(parents=True, exist_ok=True)
 
     bs = int(tcfg["batch_size"])
-    standardise = None
-    if tcfg.get("input_standardise", False):
-        from monai.transforms import Compose, Lambdad
-        vols = torch.stack([torch.as_tensor(cache[sid]["image"]).float() for sid in ids["train"]])
-        mean, std = vols.mean(0), vols.std(0)
-        brain = mean > 0
-        floor = float(tcfg.get("input_standardise_floor", 0.5)) * float(std[brain].median())
-        def standardise(x, mean=mean, std=std, brain=brain, floor=floor):
-            return ((torch.as_tensor(x).float() - mean) / (std + floor)) * brain
-        augment = Compose([Lambdad("image", standardise, track_meta=False), *augment.transforms])
-        augment.set_random_state(seed=seed)
     train_loader = training_loader(cache, ids["train"], augment, tcfg, device, seed)
     evaluate = build_evaluation(cfg)  # 2D: evenly spaced slices + centre crop; 3D: None (the cached volume)
     val_loader = (make_loader(cache.subset(ids["val"], evaluate), bs, False, 0, device, distributed=True)
@@ -222,7 +211,7 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
             continue
         share = dist.shard(ids[role])  # this rank's share
         if held_out_views is not None:  # predict.py's views (windows x flips), by this fold's network
-            probs = held_out_views(net, {sid: (standardise or (lambda x: x))(cache[sid]["image"]) for sid in share})
+            probs = held_out_views(net, {sid: cache[sid]["image"] for sid in share})
         else:
             loader = make_loader(cache.subset(share, evaluate), bs, False, 0, device)
             # float64 so that predictions read back from predictions.csv (resume) are bit-identical
