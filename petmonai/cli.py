@@ -128,6 +128,42 @@ def export_main(argv=None) -> int:
 
 
 @user_errors
+def build_template_main(argv=None) -> int:
+    from petmonai.config import default_config_path, load_config
+    from petmonai.runs import setup_logging
+    from petmonai.study_template import build_study_template, template_inputs, write_study_template
+
+    parser = argparse.ArgumentParser(prog="build_template.py", description="Build a study FDG template in MNI "
+                                     "space: the mean of unlabeled scans registered as the config registers them. "
+                                     "Train on it with --set template.image=OUTPUT.")
+    parser.add_argument("--input", nargs="+", required=True, metavar="DIR_OR_FILE",
+                        help="unlabeled scans (folders of *.nii[.gz] or files), e.g. the challenge's Test folder")
+    parser.add_argument("--output", type=Path, required=True, help="template file (.nii.gz), with OUTPUT.json beside it")
+    parser.add_argument("--config", type=Path, default=default_config_path(),
+                        help="whose preprocessing registers the scans (default: configs/train3d.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    parser.add_argument("--iterations", type=int, default=1,
+                        help="passes: each registers the scans to the previous mean again (default: 1)")
+    parser.add_argument("--skip-bad", action="store_true", help="leave out scans that cannot be read or registered")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing template file")
+    args = parser.parse_args(argv)
+    setup_logging(None)
+    if args.output.exists() and not args.overwrite:
+        raise PetmonaiError(f"{args.output} exists; use --overwrite to replace it")
+    cfg = load_config(args.config, args.overrides)
+    if cfg["template"].get("image"):
+        raise PetmonaiError(f"the config registers to template.image={cfg['template']['image']}; build a study "
+                            "template from the MNI template (template.image: null)")
+    files = template_inputs(args.input)
+    template = build_study_template(files, cfg, skip_bad=args.skip_bad, iterations=args.iterations)
+    write_study_template(template, args.output, cfg, args.iterations)
+    corr = sorted(template.correlations.values())
+    print(f"{args.output}: mean of {len(template.used)} registered scans ({len(template.skipped)} skipped); "
+          f"their correlation with it: median {corr[len(corr) // 2]:.2f}, min {corr[0]:.2f}")
+    return 0
+
+
+@user_errors
 def anchor_main(argv=None) -> int:
     import json
 

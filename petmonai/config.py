@@ -59,6 +59,7 @@ SCHEMA: dict[str, Any] = {
         "transform": str,
         "min_correlation": _NUM,
         "cache_dir": _OPT_STR,
+        "image": _OPT_STR,        # an FDG template of your own in MNI space (petmonai.study_template)
     },
     "spatial_size": list,
     "crop_size": list,

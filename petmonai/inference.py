@@ -44,7 +44,7 @@ from monai.data import MetaTensor
 from petmonai import CLASS_NAMES
 from petmonai.data import is_nifti, nifti_stem, read_header
 from petmonai.errors import ConfigError, DataError, PetmonaiError
-from petmonai.runs import atomic_write_csv, atomic_write_json, atomic_write_text, get_logger
+from petmonai.runs import atomic_write_csv, atomic_write_json, atomic_write_text, get_logger, use_run_template
 from petmonai.views import (DEFAULT_VIEWS_BY_MODEL, VIEW_STRATEGIES, RandomSlices2D, SlidingWindowFlips3D,
                             ViewStrategy, flips_form_group, parse_flips, register_views, window_starts)
 
@@ -293,7 +293,7 @@ def read_run_config(run_dir: Path) -> dict:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise PetmonaiError(f"{run_dir}: no config.yaml; is this a training run folder?")
-    return load_config(path)
+    return use_run_template(load_config(path), run_dir)
 
 
 def run_threshold(run_dir: Path, override: float | None) -> tuple[float, str]:

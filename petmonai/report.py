@@ -28,7 +28,7 @@ import pandas as pd
 from petmonai.config import read_yaml
 from petmonai.errors import PetmonaiError
 from petmonai.metrics import METRIC_KEYS, METRIC_LABELS, calibration_bins, evaluate_cv
-from petmonai.runs import atomic_write_text, get_logger
+from petmonai.runs import atomic_write_text, get_logger, use_run_template
 
 log = get_logger("report")
 
@@ -719,7 +719,7 @@ def add_reference(run_dir: str | Path, data_root: str | Path | None = None, over
     from petmonai.config import apply_override
     from petmonai.reference import REFERENCE_DEFAULTS
 
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = use_run_template(load_config(run_dir / "config.yaml"), run_dir)
     # a run saved before a reference option existed still takes it (its default is what it ran with)
     cfg["reference"] = {**REFERENCE_DEFAULTS, **(cfg.get("reference") or {})}
     for assignment in overrides or []:

@@ -161,6 +161,36 @@ def provenance(seed: int, data_fingerprint: str | None, extra: dict | None = Non
     }
 
 
+RUN_TEMPLATE_STEM = "template"  # a run's copy of its own template file: template.nii(.gz)
+
+
+def keep_template_copy(cfg: dict, run_dir: str | Path) -> Path | None:
+    """A config that registers to a template file of its own (``template.image``): copy the file
+    into the run folder and point ``cfg`` at the copy, so predict, resume and report use the
+    template the models were trained with, wherever the run folder moves. Returns the copy."""
+    source = (cfg.get("template") or {}).get("image")
+    if not source:
+        return None
+    source = Path(source).expanduser()
+    if not source.is_file():
+        raise PetmonaiError(f"{source}: template.image not found")
+    suffix = ".nii.gz" if source.name.endswith(".gz") else ".nii"
+    copy = Path(run_dir) / f"{RUN_TEMPLATE_STEM}{suffix}"
+    atomic_write_bytes(copy, source.read_bytes())
+    cfg["template"]["image"] = str(copy.resolve())
+    return copy
+
+
+def use_run_template(cfg: dict, run_dir: str | Path) -> dict:
+    """``cfg`` (a run's saved config) with ``template.image`` on the run folder's own copy, if it has one."""
+    if (cfg.get("template") or {}).get("image"):
+        for suffix in (".nii.gz", ".nii"):
+            copy = Path(run_dir) / f"{RUN_TEMPLATE_STEM}{suffix}"
+            if copy.is_file():
+                cfg["template"]["image"] = str(copy.resolve())
+    return cfg
+
+
 def setup_logging(run_dir: str | Path | None = None, level: int = logging.INFO) -> logging.Logger:
     """Console + ``<run_dir>/train.log`` logging for the ``petmonai`` logger tree."""
     logger = logging.getLogger(LOGGER_NAME)

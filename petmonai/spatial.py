@@ -16,7 +16,9 @@ count scales. Both are MONAI dictionary transforms for the ``preprocess`` list o
 
 The template is data-free (no leakage between folds): the MNI152 2009a grey- and white-matter
 probability maps that ship inside nilearn, mixed 1 : 0.25 (FDG uptake of grey vs white matter)
-and smoothed to PET resolution. Registrations are cached on disk by content (see
+and smoothed to PET resolution. A template image of your own in MNI space can replace it as the
+registration target (``template.image`` in the config; :mod:`petmonai.study_template` builds one
+from unlabeled scans). Registrations are cached on disk by content (see
 :class:`RegisterToTemplate`), so each scan is registered once, whatever fold or run needs it.
 """
 
@@ -51,6 +53,9 @@ REGION_BOXES_MM = {
 }
 WHITE_MATTER_UPTAKE = 0.25  # FDG: white matter takes up about a quarter of grey matter's glucose
 FWHM_PER_SIGMA = 2.3548200450309493
+# a template of your own must resemble the MNI FDG-like one this much inside the MNI brain (a study
+# template built from the shared scans: 0.58; the MNI image flipped front to back: 0.16, upside down: -0.07)
+MIN_TEMPLATE_MATCH = 0.3
 _TEMPLATE_LOCK = threading.Lock()
 
 
@@ -145,6 +150,77 @@ def mni_fdg_template(voxel: float = 4.0, fwhm: float = 8.0) -> Template:
         raise ValueError("template voxel must be positive and fwhm not negative")
     with _TEMPLATE_LOCK:
         return _mni_template(float(voxel), float(fwhm))
+
+
+def template_file_digest(path: str | Path) -> str:
+    """SHA-1 of a template file's bytes (a registration cache key part); re-read only when the
+    file's size or modification time changes."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError as err:
+        raise DataError(path, f"template file not found ({err.strerror})") from None
+    return _file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=32)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
+def load_template(path: str | Path, voxel: float = 4.0, fwhm: float = 8.0) -> Template:
+    """A brain FDG template of your own (a NIfTI in MNI space, e.g. a study template from
+    ``scripts/build_template.py``) on the template grid of ``voxel`` mm: its image, scaled to a
+    brain mean of 1, replaces the MNI FDG-like image as the registration target; the brain mask,
+    reference regions and parcels stay MNI152's. Cached per process by file content.
+
+    >>> t = load_template("study_template.nii.gz", voxel=6.0)  # doctest: +SKIP
+    >>> t.shape  # doctest: +SKIP
+    (32, 37, 32)
+    """
+    digest = template_file_digest(path)
+    if voxel <= 0 or fwhm < 0:
+        raise ValueError("template voxel must be positive and fwhm not negative")
+    with _TEMPLATE_LOCK:
+        return _load_template(str(Path(path).resolve()), digest, float(voxel), float(fwhm))
+
+
+@lru_cache(maxsize=8)
+def _load_template(path: str, digest: str, voxel: float, fwhm: float) -> Template:
+    import nibabel as nib
+    from scipy import ndimage
+
+    try:
+        img = nib.load(path)
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as err:  # nibabel raises several types for a file that is not NIfTI
+        raise DataError(path, f"cannot read the template as NIfTI ({type(err).__name__}: {err})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(path, f"a template must be one 3D volume, got shape {data.shape}")
+    if not np.isfinite(data).all():
+        raise DataError(path, "the template has NaN or infinite voxels")
+    mni = _mni_template(voxel, fwhm)
+    brain = mni.brain()
+    to_src = np.linalg.inv(np.asarray(img.affine, np.float64)) @ mni.affine  # template voxel -> file voxel
+    coords = to_src[:3, :3] @ np.indices(mni.shape).reshape(3, -1) + to_src[:3, 3:4]
+    inside = np.all((coords > -0.5) & (coords < np.array(data.shape)[:, None] - 0.5), axis=0).reshape(mni.shape)
+    covered = float(inside[brain].mean())
+    if covered < 0.9:
+        raise DataError(path, f"the template covers only {covered:.0%} of the MNI brain: it must be in MNI space "
+                              "(world coordinates in MNI mm)")
+    image = ndimage.map_coordinates(data, coords, order=1, mode="nearest").reshape(mni.shape)
+    mean = float(image[brain].mean())
+    if not mean > 0:
+        raise DataError(path, f"the template has no uptake inside the MNI brain (mean {mean:.3g})")
+    image = image / mean
+    match = correlation(image, mni.image, brain)
+    if match < MIN_TEMPLATE_MATCH:
+        raise DataError(path, f"the template does not look like a brain FDG image in MNI space: correlation "
+                              f"{match:.2f} < {MIN_TEMPLATE_MATCH} with the MNI FDG template inside its brain "
+                              "(check orientation and affine)")
+    return Template(image.astype(np.float32), mni.affine, mni.grey, mni.white)
 
 
 def _to_sitk(volume: np.ndarray, affine: np.ndarray):
@@ -260,6 +336,8 @@ class RegisterToTemplate(Transform):
     settings, so the expensive part runs once per scan (written to a temporary file, then renamed). A registration
     whose result correlates below ``min_correlation`` with the template inside the brain is a
     :class:`DataError` naming the file: a failed registration is never fed to a model silently.
+    ``template_image``: register to an FDG template of your own in MNI space instead
+    (:func:`load_template`; e.g. a study template from ``scripts/build_template.py``).
 
     >>> from monai.data import MetaTensor
     >>> t = mni_fdg_template(4.0)  # doctest: +SKIP
@@ -270,7 +348,8 @@ class RegisterToTemplate(Transform):
 
     def __init__(self, voxel: float = 4.0, fwhm: float = 8.0, transform: str = "affine",
                  cache_dir: str | Path | None = "default", min_correlation: float = 0.25,
-                 iterations: int = 200, bspline_mesh: int = 4, bspline_max_mm: float = 8.0):
+                 iterations: int = 200, bspline_mesh: int = 4, bspline_max_mm: float = 8.0,
+                 template_image: str | Path | None = None):
         if transform not in TRANSFORMS:
             raise ValueError(f"transform must be one of {', '.join(TRANSFORMS)}, not {transform!r}")
         if int(bspline_mesh) < 1:
@@ -282,9 +361,14 @@ class RegisterToTemplate(Transform):
         self.cache_dir = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
         self.min_correlation, self.iterations = float(min_correlation), int(iterations)
         self.last_correlation: float | None = None
+        self.template_image = Path(template_image) if template_image else None
+        if self.template_image is not None:
+            self.template  # a bad template file fails when the config is built, naming the file
 
     @property
     def template(self) -> Template:
+        if self.template_image is not None:
+            return load_template(self.template_image, self.voxel, self.fwhm)
         return mni_fdg_template(self.voxel, self.fwhm)
 
     def _key(self, volume: np.ndarray, affine: np.ndarray) -> str:
@@ -295,6 +379,8 @@ class RegisterToTemplate(Transform):
                         version=4)
         if self.transform == "bspline":  # only here, so affine and rigid cache entries stay valid
             settings.update(bspline_mesh=self.bspline_mesh, bspline_max_mm=self.bspline_max_mm)
+        if self.template_image is not None:  # likewise: the MNI template's entries keep their keys
+            settings.update(template_sha1=template_file_digest(self.template_image))
         h.update(json.dumps(settings, sort_keys=True).encode())
         return h.hexdigest()
 
@@ -429,10 +515,10 @@ class RegisterToTemplated(MapTransform):
     def __init__(self, keys: KeysCollection = "image", voxel: float = 4.0, fwhm: float = 8.0,
                  transform: str = "affine", cache_dir: str | Path | None = "default", min_correlation: float = 0.25,
                  iterations: int = 200, bspline_mesh: int = 4, bspline_max_mm: float = 8.0,
-                 allow_missing_keys: bool = False):
+                 template_image: str | Path | None = None, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.register = RegisterToTemplate(voxel, fwhm, transform, cache_dir, min_correlation, iterations,
-                                           bspline_mesh, bspline_max_mm)
+                                           bspline_mesh, bspline_max_mm, template_image)
 
     def __call__(self, data):
         d = dict(data)
@@ -669,7 +755,8 @@ def registration_montage(volumes: dict, register: RegisterToTemplate, path: str 
         if labels and name in labels:
             title += f" ({labels[name]})"
         axes[r, c * 3 + 1].set_title(title, fontsize=6)
-    fig.suptitle("Registration to the MNI FDG template (red: template brain outline)", fontsize=9)
+    target = register.template_image.name if register.template_image is not None else "the MNI FDG template"
+    fig.suptitle(f"Registration to {target} (red: template brain outline)", fontsize=9)
     fig.tight_layout()
     fig.set_dpi(90)
     from petmonai.report import save_figure
@@ -680,6 +767,6 @@ def registration_montage(volumes: dict, register: RegisterToTemplate, path: str 
         plt.close(fig)
 
 
-__all__ = ["Template", "template_parcels", "ParcelAverage", "ParcelAveraged", "find_registration", "template_correlations", "registration_montage", "parcel_means", "mni_fdg_template", "RegisterToTemplate", "RegisterToTemplated", "ReferenceRegionNormalise",
+__all__ = ["Template", "template_parcels", "ParcelAverage", "ParcelAveraged", "find_registration", "template_correlations", "registration_montage", "parcel_means", "mni_fdg_template", "load_template", "template_file_digest", "RegisterToTemplate", "RegisterToTemplated", "ReferenceRegionNormalise",
            "ReferenceRegionNormalised", "MaskToTemplateBrain", "MaskToTemplateBraind", "correlation",
            "default_cache_dir", "TEMPLATE_BOX_MM", "REGION_BOXES_MM"]

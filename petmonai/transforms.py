@@ -14,7 +14,7 @@ import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import Compose, MapTransform, Randomizable, Transform
 
-from petmonai.errors import DataError
+from petmonai.errors import ConfigError, DataError
 
 
 def source_file(img) -> str:
@@ -250,6 +250,13 @@ def build_pipelines(cfg: dict) -> tuple[Compose, Compose]:
 
     preprocess = build_component(cfg, "preprocess")
     augment = build_component(cfg, "augment") if cfg.get("augment") else []
+    image = (cfg.get("template") or {}).get("image")
+    if image:  # a config whose own preprocess list does not pass it on would ignore it silently
+        from petmonai.spatial import RegisterToTemplated
+
+        if not any(isinstance(t, RegisterToTemplated) and t.register.template_image is not None for t in preprocess):
+            raise ConfigError(f"template.image is set ({image}) but no petmonai.spatial.RegisterToTemplated of "
+                              "the preprocess list uses it: add `template_image: \"@template#image\"` to it")
     return Compose(preprocess), Compose(augment)
 
 

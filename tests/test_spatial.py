@@ -35,15 +35,17 @@ def test_template_grid_and_reference_regions():
         t.region("hippocampus")
 
 
-def moved_template(shift_mm=(6.0, -8.0, 5.0), angle=0.08, voxel=(2.0, 2.0, 3.0)):
-    """The template as a scanner would hand it over: another grid, voxel size and head position."""
+def moved_template(shift_mm=(6.0, -8.0, 5.0), angle=0.08, voxel=(2.0, 2.0, 3.0), image=None):
+    """The template (or ``image`` on its 4 mm grid) as a scanner would hand it over: another grid,
+    voxel size and head position."""
     t = mni_fdg_template(4.0)
     known = sitk.Euler3DTransform((0.0, -18.0, 18.0), angle, -angle / 2, angle / 2, shift_mm)
     shape = (96, 112, 60)
     affine = np.diag([*voxel, 1.0])
     affine[:3, 3] = [-(s - 1) * v / 2 + c for s, v, c in zip(shape, voxel, (0.0, -18.0, 18.0))]
     ref = _to_sitk(np.zeros(shape, np.float32), affine)
-    moved = _from_sitk(sitk.Resample(_to_sitk(t.image, t.affine), ref, known.GetInverse(), sitk.sitkLinear, 0.0))
+    source = t.image if image is None else np.asarray(image, np.float32)
+    moved = _from_sitk(sitk.Resample(_to_sitk(source, t.affine), ref, known.GetInverse(), sitk.sitkLinear, 0.0))
     return MetaTensor(torch.as_tensor(moved)[None], affine=torch.as_tensor(affine),
                       meta={"filename_or_obj": "moved_template.nii.gz"})
 

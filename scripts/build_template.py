@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""Build a study FDG template in MNI space from unlabeled scans, then train on it.
+
+    python scripts/build_template.py --input ../shared/data/pet2023/Test --output templates/study.nii.gz --skip-bad
+    python scripts/train3d.py --data-root ../shared/data/pet2023 --set template.image=templates/study.nii.gz
+
+The template is derived from patient scans: keep it with the data, never in a repository.
+"""
+
+import sys
+
+from petmonai.cli import build_template_main
+
+if __name__ == "__main__":
+    sys.exit(build_template_main())
