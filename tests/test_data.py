@@ -111,6 +111,36 @@ def test_duplicate_uuid(tiny_cohort, tmp_path):
         discover(root)
 
 
+@pytest.mark.parametrize("roi, axis", [([6, 7, 6], 0), ([8, 5, 3], [0, 2]), ([7, 9, 8], None)])
+def test_fast_augmentation_is_monais_draw_for_draw(roi, axis):
+    """The default's FastRandSpatialCropd / FastRandFlipd give MONAI's crops and flips, draw for
+    draw, on the plain tensors training augments; MetaTensors go through MONAI itself."""
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Compose, RandFlipd, RandSpatialCropd
+
+    from petmonai.datasets import UntrackedDataset
+    from petmonai.transforms import FastRandFlipd, FastRandSpatialCropd
+
+    def pipeline(crop, flip):
+        return Compose([crop(keys="image", roi_size=roi, random_size=False),
+                        flip(keys="image", spatial_axis=axis, prob=0.5)]).set_random_state(seed=7)
+
+    monai, fast = pipeline(RandSpatialCropd, RandFlipd), pipeline(FastRandSpatialCropd, FastRandFlipd)
+    items = [{"image": torch.rand(1, 8, 9, 8, generator=torch.Generator().manual_seed(i))} for i in range(60)]
+    flips, corners = 0, set()
+    for a, b in zip(UntrackedDataset(items, transform=monai), UntrackedDataset(items, transform=fast)):
+        assert type(b["image"]) is torch.Tensor and torch.equal(a["image"], b["image"])
+        flips += bool(fast.transforms[1]._do_transform)
+        corners.add(tuple(s.start for s in fast.transforms[0].cropper._slices))
+    assert 10 < flips < 50 and len(corners) > 1  # flips and several crop positions were compared
+    meta = MetaTensor(items[0]["image"])
+    out = pipeline(FastRandSpatialCropd, FastRandFlipd)({"image": meta})["image"]
+    ref = pipeline(RandSpatialCropd, RandFlipd)({"image": MetaTensor(items[0]["image"])})["image"]
+    assert isinstance(out, MetaTensor) and torch.equal(out.as_tensor(), ref.as_tensor())
+    assert len(out.applied_operations) == len(ref.applied_operations)
+
+
 def test_augmentation_without_meta_tracking_same_values():
     """Training augments with MONAI's meta tracking off: plain tensors, the same random draws and
     values as with tracking when a MONAI loader seeds the pipeline (as training does), and the
