@@ -68,6 +68,8 @@ def exported_config(cfg: dict, out_dir: Path) -> dict:
     new = {**cfg, "preprocess": LOAD_PREPROCESSED, "data": {**cfg["data"], "root": str(out_dir / EXPORTED_DATALIST)}}
     # the reference's raw-volume resampling would see exported volumes, not raw ones: a different model
     new["report"] = {**cfg.get("report", {}), "reference_model": False}
+    # the exported volumes are already on the template grid: nothing registers them again
+    new["template"] = {**cfg.get("template", {}), "image": None}
     return new
 
 

@@ -88,3 +88,21 @@ def test_subjects_and_sites_of_a_csv_datalist_survive(tiny_cohort, fast_config, 
     keys = ["uuid", "split", "class_name", "subject", "site"]
     pd.testing.assert_frame_equal(before[keys].sort_values("uuid").reset_index(drop=True),
                                   after[keys].sort_values("uuid").reset_index(drop=True))
+
+
+def test_an_export_made_with_a_template_of_your_own_trains_without_it(tmp_path):
+    """The exported volumes are already registered: the exported config registers nothing, so it
+    neither needs the template file nor trips the check that a set template.image is used."""
+    from petmonai.export import exported_config
+    from petmonai.spatial import mni_fdg_template
+    from petmonai.transforms import build_pipelines
+
+    t = mni_fdg_template(4.0)
+    own = tmp_path / "own.nii.gz"
+    nib.save(nib.Nifti1Image(t.image, t.affine), str(own))
+    cfg = load_config(None, [f"template.image={own}"])
+    new = exported_config(cfg, tmp_path / "prep")
+    own.unlink()
+    assert new["template"]["image"] is None and cfg["template"]["image"] == str(own)
+    preprocess, _ = build_pipelines(new)
+    assert not any("Register" in type(t).__name__ for t in preprocess.transforms)
