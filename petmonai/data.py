@@ -179,7 +179,9 @@ def verify_gzip(path: str | Path) -> None:
         raise DataError(path, "permission denied: the file cannot be read") from None
 
 
-def _list_nifti(folder: Path) -> list[Path]:
+def list_nifti(folder: Path) -> list[Path]:
+    """The ``*.nii``/``*.nii.gz`` files of ``folder`` (not recursive) in natural order (2 before 10);
+    anything else in it is named in a warning, not silently dropped."""
     files, ignored = [], []
     for p in folder.iterdir():
         (files if is_nifti(p) else ignored).append(p)
@@ -245,7 +247,7 @@ def discover_layout(root: str | Path, skip_bad: bool = False, skipped: list | No
                 f"{folder}: label folder '{folder.name}' is neither of {list(CLASS_NAMES)}; "
                 "rename it or move it out of Train/"
             )
-        files = _list_nifti(folder)
+        files = list_nifti(folder)
         if not files:
             raise PetmonaiError(f"{folder}: class folder holds no .nii or .nii.gz file")
         rows += [_row(f, "train", folder.name, True, bad) for f in files]
@@ -254,7 +256,7 @@ def discover_layout(root: str | Path, skip_bad: bool = False, skipped: list | No
             raise PetmonaiError(f"{train / name}: missing class folder (both NC and MCI are needed)")
     test = root / "Test"
     if test.is_dir():
-        rows += [_row(f, "test", "", True, bad) for f in _list_nifti(test)]
+        rows += [_row(f, "test", "", True, bad) for f in list_nifti(test)]
     if bad and not skip_bad:
         raise bad_files_error(bad)
     skipped += bad

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from monai.transforms import Compose
 
-from petmonai.data import _list_nifti, is_nifti
+from petmonai.data import list_nifti, is_nifti
 from petmonai.datasets import describe_failure
 from petmonai.errors import DataError, PetmonaiError
 from petmonai.runs import atomic_write_bytes, atomic_write_json, get_logger, versions
@@ -66,7 +66,7 @@ def template_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     files: list[Path] = []
     for entry in map(Path, inputs):
         if entry.is_dir():
-            files.extend(_list_nifti(entry))
+            files.extend(list_nifti(entry))
         elif entry.is_file() and is_nifti(entry):
             files.append(entry)
         elif entry.exists():
