@@ -4,7 +4,7 @@ petmonai's default registration target is built from MNI152 tissue maps (grey ma
 white matter, smoothed): real FDG scans correlate with it at ~0.5 after registration, because
 real uptake differs (cerebellum, thalamus, striatum). A study template averages real scans once
 they are registered to it, so it has real FDG contrast and stays in MNI space; registering to it
-lines scans up on what they share (the shared Train scans then match their target at ~0.87).
+lines scans up on what they share (the shared Train scans then match their target at ~0.88).
 
 Build it from **unlabeled** scans (no labels are read): the challenge's Test folder, or a
 hospital's archive. Built from scans outside the cross-validation, no held-out scan shapes
