@@ -44,7 +44,7 @@ from monai.data import MetaTensor
 from petmonai import CLASS_NAMES
 from petmonai.data import is_nifti, nifti_stem, read_header
 from petmonai.errors import ConfigError, DataError, PetmonaiError
-from petmonai.runs import atomic_write_csv, atomic_write_json, atomic_write_text, get_logger, use_run_template
+from petmonai.runs import atomic_write_csv, atomic_write_json, atomic_write_text, get_logger, read_run_config
 from petmonai.views import (DEFAULT_VIEWS_BY_MODEL, VIEW_STRATEGIES, RandomSlices2D, SlidingWindowFlips3D,
                             ViewStrategy, flips_form_group, parse_flips, register_views, window_starts)
 
@@ -283,17 +283,6 @@ def optimise_network(net: torch.nn.Module, strategy: ViewStrategy, device: torch
         log.warning("inference-optimised model differs from the plain network by %.2g; using the plain network", diff)
         return None
     return fast
-
-
-def read_run_config(run_dir: Path) -> dict:
-    from petmonai.config import load_config
-
-    if not run_dir.is_dir():
-        raise PetmonaiError(f"{run_dir}: run folder not found")
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise PetmonaiError(f"{run_dir}: no config.yaml; is this a training run folder?")
-    return use_run_template(load_config(path), run_dir)
 
 
 def run_threshold(run_dir: Path, override: float | None) -> tuple[float, str]:

@@ -28,7 +28,7 @@ import pandas as pd
 from petmonai.config import read_yaml
 from petmonai.errors import PetmonaiError
 from petmonai.metrics import METRIC_KEYS, METRIC_LABELS, calibration_bins, evaluate_cv
-from petmonai.runs import atomic_write_text, get_logger, use_run_template
+from petmonai.runs import atomic_write_text, get_logger, read_run_config
 
 log = get_logger("report")
 
@@ -707,7 +707,6 @@ def add_reference(run_dir: str | Path, data_root: str | Path | None = None, over
     The run's ``config.yaml``, ``datalist.csv`` and ``folds.csv`` are used; the image paths in the
     datalist must still exist (or give ``data_root`` to rediscover them). ``overrides``: config
     assignments for this fit, e.g. ``["reference.features=regions"]`` (region-level features)."""
-    from petmonai.config import load_config
     from petmonai.data import discover, train_rows
     from petmonai.reference import run_reference_cv
     from petmonai.splits import load_folds
@@ -719,7 +718,7 @@ def add_reference(run_dir: str | Path, data_root: str | Path | None = None, over
     from petmonai.config import apply_override
     from petmonai.reference import REFERENCE_DEFAULTS
 
-    cfg = use_run_template(load_config(run_dir / "config.yaml"), run_dir)
+    cfg = read_run_config(run_dir)
     # a run saved before a reference option existed still takes it (its default is what it ran with)
     cfg["reference"] = {**REFERENCE_DEFAULTS, **(cfg.get("reference") or {})}
     for assignment in overrides or []:

@@ -181,11 +181,22 @@ def keep_template_copy(cfg: dict, run_dir: str | Path) -> Path | None:
     return copy
 
 
-def use_run_template(cfg: dict, run_dir: str | Path) -> dict:
-    """``cfg`` (a run's saved config) with ``template.image`` on the run folder's own copy, if it has one."""
+def read_run_config(run_dir: str | Path) -> dict:
+    """A run folder's saved ``config.yaml``, validated, with ``template.image`` on the folder's own
+    copy of its template (:func:`keep_template_copy`) if it has one: every command that works on a
+    finished run (predict, resume, report) reads its config here."""
+    from petmonai.config import load_config
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise PetmonaiError(f"{run_dir}: run folder not found")
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise PetmonaiError(f"{run_dir}: no config.yaml; is this a training run folder?")
+    cfg = load_config(path)
     if (cfg.get("template") or {}).get("image"):
         for suffix in (".nii.gz", ".nii"):
-            copy = Path(run_dir) / f"{RUN_TEMPLATE_STEM}{suffix}"
+            copy = run_dir / f"{RUN_TEMPLATE_STEM}{suffix}"
             if copy.is_file():
                 cfg["template"]["image"] = str(copy.resolve())
     return cfg
