@@ -108,6 +108,13 @@ class Template:
         return box & tissue
 
 
+def _grid_points(source_affine, grid_affine: np.ndarray, shape) -> np.ndarray:
+    """(3, N) coordinates, in the voxels of a volume with ``source_affine``, of every voxel of the
+    grid (``grid_affine``, ``shape``): what ``ndimage.map_coordinates`` samples the volume at."""
+    to_source = np.linalg.inv(np.asarray(source_affine, np.float64)) @ grid_affine
+    return to_source[:3, :3] @ np.indices(shape).reshape(3, -1) + to_source[:3, 3:4]
+
+
 @lru_cache(maxsize=8)
 def _mni_template(voxel: float, fwhm: float) -> Template:
     from nilearn.datasets import load_mni152_gm_template, load_mni152_wm_template
@@ -122,9 +129,7 @@ def _mni_template(voxel: float, fwhm: float) -> Template:
     shape = [int(round((hi - lo) / voxel)) for lo, hi in TEMPLATE_BOX_MM]
     affine = np.diag([voxel, voxel, voxel, 1.0])
     affine[:3, 3] = [lo + voxel / 2 for lo, _ in TEMPLATE_BOX_MM]
-    # template voxel -> source (1 mm) voxel
-    to_src = np.linalg.inv(src_affine) @ affine
-    coords = (to_src[:3, :3] @ np.indices(shape).reshape(3, -1) + to_src[:3, 3:4])
+    coords = _grid_points(src_affine, affine, shape)  # every template voxel in source (1 mm) voxels
 
     def sample(data):
         return ndimage.map_coordinates(data, coords, order=1, mode="constant").reshape(shape)
@@ -203,8 +208,7 @@ def _load_template(path: str, digest: str, voxel: float, fwhm: float) -> Templat
         raise DataError(path, "the template has NaN or infinite voxels")
     mni = _mni_template(voxel, fwhm)
     brain = mni.brain()
-    to_src = np.linalg.inv(np.asarray(img.affine, np.float64)) @ mni.affine  # template voxel -> file voxel
-    coords = to_src[:3, :3] @ np.indices(mni.shape).reshape(3, -1) + to_src[:3, 3:4]
+    coords = _grid_points(img.affine, mni.affine, mni.shape)  # every template voxel in the file's voxels
     inside = np.all((coords > -0.5) & (coords < np.array(data.shape)[:, None] - 0.5), axis=0).reshape(mni.shape)
     covered = float(inside[brain].mean())
     if covered < 0.9:
