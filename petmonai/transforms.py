@@ -248,7 +248,7 @@ class RandAxialSlicesd(Randomizable, MapTransform):
 class FastRandSpatialCropd(RandSpatialCropd):
     """MONAI's ``RandSpatialCropd`` with a fast path for plain tensors (the training augmentation
     of cached volumes, where meta-data tracking is off): the same random draws and the same crop,
-    taken by slicing, without MONAI's per-call bookkeeping (~40 instead of ~70 us a volume with the
+    taken by slicing, without MONAI's per-call bookkeeping (~27 instead of ~69 us a volume with the
     flip below; docs/benchmarks.md). MetaTensors and ``random_size`` go through MONAI unchanged.
 
     >>> crop = FastRandSpatialCropd("image", roi_size=[28, 36, 28], random_size=False)
