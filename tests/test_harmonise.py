@@ -141,3 +141,16 @@ def test_experiment_table_reads_the_runs(tiny_cohort, tmp_path):
     assert folds[0] == folds[1]  # same folds for every configuration
     table = (tmp_path / "experiments.md").read_text()
     assert table.count("| `") == 4 and "PCA + LR reference (same inputs)" in table
+
+
+@pytest.mark.parametrize("path", sorted(default_config_path("experiments").glob("*.yaml")), ids=lambda p: p.stem)
+def test_experiment_configs_augment_a_preprocessed_volume(path):
+    """Every experiment config's training augmentation runs on a volume of its preprocessed size and
+    gives a finite crop of ``crop_size`` (3D) or the configured slices (2D)."""
+    cfg = load_config(path)
+    _, augment = build_pipelines(cfg)
+    augment.set_random_state(seed=0)
+    volume = 1.0 + 0.1 * torch.rand(1, *cfg["spatial_size"])
+    for _ in range(3):  # several draws: the probabilistic transforms fire in some of them
+        out = augment({"image": volume.clone(), "label": 1})["image"]
+        assert tuple(out.shape[1:]) == tuple(cfg["crop_size"]) and torch.isfinite(torch.as_tensor(out)).all()
