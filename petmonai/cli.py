@@ -157,9 +157,9 @@ def build_template_main(argv=None) -> int:
     files = template_inputs(args.input)
     template = build_study_template(files, cfg, skip_bad=args.skip_bad, iterations=args.iterations)
     write_study_template(template, args.output, cfg, args.iterations)
-    corr = sorted(template.correlations.values())
+    match = template.match()
     print(f"{args.output}: mean of {len(template.used)} registered scans ({len(template.skipped)} skipped); "
-          f"their correlation with it: median {corr[len(corr) // 2]:.2f}, min {corr[0]:.2f}")
+          f"their correlation with it: median {match['median']:.2f}, min {match['min']:.2f}")
     return 0
 
 

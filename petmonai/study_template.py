@@ -50,6 +50,11 @@ class StudyTemplate:
     skipped: list[dict] = field(default_factory=list)        # {"image", "problem"}
     correlations: dict[str, float] = field(default_factory=dict)  # each used scan with the result
 
+    def match(self) -> dict:
+        """How well the scans that made the template match it: median and minimum correlation."""
+        corr = np.array(list(self.correlations.values()))
+        return {"median": float(np.median(corr)), "min": float(corr.min())}
+
     def nifti_bytes(self) -> bytes:
         """The template as (gzipped) NIfTI bytes with an MNI152 sform/qform; byte-identical for identical
         images (gzip without a time stamp), so the registration cache recognises a rebuilt template."""
@@ -158,7 +163,6 @@ def write_study_template(template: StudyTemplate, output: str | Path, cfg: dict,
     if output.name.endswith(".nii"):
         data = gzip.decompress(data)
     atomic_write_bytes(output, data)
-    corr = np.array(list(template.correlations.values()))
     atomic_write_json(output.with_name(output.name + ".json"), {
         "template": str(output),
         "sha1": template_file_digest(output),
@@ -169,8 +173,7 @@ def write_study_template(template: StudyTemplate, output: str | Path, cfg: dict,
         "n_used": len(template.used),
         "used": template.used,
         "skipped": template.skipped,
-        "correlation_with_template": {"median": float(np.median(corr)), "min": float(corr.min()),
-                                      "per_scan": template.correlations},
+        "correlation_with_template": {**template.match(), "per_scan": template.correlations},
         "template_config": cfg.get("template", {}),
         "versions": versions(),
     })
