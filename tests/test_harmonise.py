@@ -146,7 +146,7 @@ def test_experiment_table_reads_the_runs(tiny_cohort, tmp_path):
 @pytest.mark.parametrize("path", sorted(default_config_path("experiments").glob("*.yaml")), ids=lambda p: p.stem)
 def test_experiment_configs_augment_a_preprocessed_volume(path):
     """Every experiment config's training augmentation runs on a volume of its preprocessed size and
-    gives a finite crop of ``crop_size`` (3D) or the configured slices (2D)."""
+    gives a finite crop of ``crop_size``."""
     cfg = load_config(path)
     _, augment = build_pipelines(cfg)
     augment.set_random_state(seed=0)
