@@ -11,7 +11,11 @@ common scale, and no label is used.
     >>> anchored_auc(table)["z"]["pooled"]                                            # doctest: +SKIP
     0.897
 
-``scripts/anchor_folds.py`` runs it on a finished run (docs/experiments.md, last section).
+Without an external cohort, each fold model can also be anchored on the scans it was trained on
+(:func:`training_scores`; ``anchor_folds.py --training-reference``): a reference every model has,
+though one it has fitted.
+
+``scripts/anchor_folds.py`` runs it on a finished run (docs/experiments.md, section "Anchoring").
 """
 
 from __future__ import annotations
@@ -50,6 +54,23 @@ def reference_scores(run: LoadedRun, inputs: Sequence[str | Path]) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
+def training_roles(cfg: dict) -> tuple[str, ...]:
+    """The fold roles a run's models were trained on: ``train``, and ``val`` too when the run kept its
+    last epoch with ``train.train_on_val`` (the default)."""
+    train_cfg = cfg.get("train") or {}
+    keep_last = str(train_cfg.get("keep", "best")) == "last"
+    return ("train", "val") if keep_last and bool(train_cfg.get("train_on_val", False)) else ("train",)
+
+
+def training_scores(run_dir: str | Path, run: LoadedRun) -> pd.DataFrame:
+    """P(MCI) of every fold model's own training scans (the mean over the run's prediction views):
+    one row per (repeat, fold, scan_id), the reference of ``anchored_out_of_fold(..., inputs=None)``."""
+    frames = [predict_out_of_fold(run_dir, progress=False, run=run, role=role) for role in training_roles(run.cfg)]
+    table = pd.concat([f for f in frames if len(f)], ignore_index=True)
+    table["prob_mci"] = [float(np.mean(p)) for p in table.pop("probs")]
+    return table
+
+
 def anchor(held_out: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
     """``held_out`` (repeat, fold, prob_mci, ...) with ``centred`` (logit minus the fold model's median
     reference logit) and ``z`` (logit standardised by the fold model's reference logits) added."""
@@ -66,13 +87,16 @@ def anchor(held_out: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
     return out.drop(columns=["median", "mean", "sd"])
 
 
-def anchored_out_of_fold(run_dir: str | Path, inputs: Sequence[str | Path], options: dict | None = None) -> pd.DataFrame:
+def anchored_out_of_fold(run_dir: str | Path, inputs: Sequence[str | Path] | None,
+                         options: dict | None = None) -> pd.DataFrame:
     """Held-out scans of every fold scored by that fold's model (the run's prediction views), with
-    the anchored scores of :func:`anchor` on the reference scans ``inputs``."""
+    the anchored scores of :func:`anchor` on the reference scans ``inputs``, or, with ``inputs=None``,
+    on each fold model's own training scans (:func:`training_scores`)."""
     run = load_run(run_dir, {**(options or {}), "folds": "all"}, with_models=True)  # once, for both passes
     oof = predict_out_of_fold(run_dir, progress=False, run=run)
     oof["prob_mci"] = [float(np.mean(p)) for p in oof.pop("probs")]
-    return anchor(oof, reference_scores(run, inputs))
+    reference = training_scores(run_dir, run) if inputs is None else reference_scores(run, inputs)
+    return anchor(oof, reference)
 
 
 def anchored_auc(table: pd.DataFrame) -> dict:

@@ -173,14 +173,18 @@ def anchor_main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="anchor_folds.py", description="Pooled out-of-fold AUC of a run with each "
                                      "fold model's scores anchored on unlabeled reference scans (an analysis).")
     parser.add_argument("--run-dir", type=Path, required=True, help="a finished train3d.py run")
-    parser.add_argument("--reference", nargs="+", required=True, metavar="DIR_OR_FILE",
-                        help="unlabeled scans every fold model scores, e.g. the challenge's Test folder")
+    reference = parser.add_mutually_exclusive_group(required=True)
+    reference.add_argument("--reference", nargs="+", metavar="DIR_OR_FILE",
+                           help="unlabeled scans every fold model scores, e.g. the challenge's Test folder")
+    reference.add_argument("--training-reference", action="store_true",
+                           help="anchor each fold model on its own training scans instead (no external scans)")
     parser.add_argument("--output", type=Path, default=None,
                         help="JSON of the AUCs (and a CSV of the scores beside it)")
     args = parser.parse_args(argv)
     setup_logging(None)
-    table = anchored_out_of_fold(args.run_dir, args.reference)
-    result = {"run_dir": str(args.run_dir), "reference": [str(r) for r in args.reference], "auc": anchored_auc(table)}
+    table = anchored_out_of_fold(args.run_dir, None if args.training_reference else args.reference)
+    reference = "each fold's training scans" if args.training_reference else [str(r) for r in args.reference]
+    result = {"run_dir": str(args.run_dir), "reference": reference, "auc": anchored_auc(table)}
     if args.output:
         atomic_write_csv(args.output.with_suffix(".csv"), table)
         atomic_write_json(args.output, result)

@@ -2,6 +2,7 @@
 """Pooled out-of-fold AUC of a run with each fold model anchored on unlabeled scans (an analysis).
 
     python scripts/anchor_folds.py --run-dir runs/real --reference ../shared/data/pet2023/Test
+    python scripts/anchor_folds.py --run-dir runs/real --training-reference   # each fold's own training scans
 
 See petmonai/calibration.py: every fold model scores the same unlabeled scans, and its held-out
 scores are expressed relative to them (logit minus median, or z-score), so that pooling the folds

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 from scipy.stats import rankdata
 
-from petmonai.calibration import anchor, anchored_auc, anchored_out_of_fold, logit, reference_scores
+from petmonai.calibration import (anchor, anchored_auc, anchored_out_of_fold, logit, reference_scores, training_roles,
+                                  training_scores)
 from petmonai.inference import load_run, predict_out_of_fold
 
 from test_inference import tiny  # noqa: F401  (the trained tiny run, a session fixture)
@@ -42,3 +43,22 @@ def test_anchored_out_of_fold_on_a_run(tiny):
         z = anchor(scores.assign(label=0), scores)["z"]
         assert z.mean() == pytest.approx(0, abs=1e-9) and z.std() == pytest.approx(1)
     assert np.allclose(logit([0.5, 0.75]), [0.0, np.log(3)])
+
+
+def test_anchored_on_each_fold_models_training_scans(tiny):
+    run, _ = tiny
+    table = anchored_out_of_fold(run, None, {"threads": 1})
+    for _, fold in table.groupby(["repeat", "fold"]):
+        assert (rankdata(fold["z"]) == rankdata(fold["probability"])).all()
+    loaded = load_run(run, {"threads": 1, "folds": "all"})
+    ref = training_scores(run, loaded)
+    folds = pd.read_csv(run / "folds.csv", dtype={"scan_id": str})
+    trained = folds[folds["role"] == "train"].sort_values(["fold", "scan_id"])
+    assert ref.sort_values(["fold", "scan_id"])[["fold", "scan_id"]].values.tolist() == \
+        trained[["fold", "scan_id"]].values.tolist()  # each model's own training scans, none held out
+    for fold, scores in ref.groupby("fold"):  # each model's held-out z: relative to its training logits
+        held = table[table["fold"] == fold]
+        expected = (logit(held["probability"]) - logit(scores["prob_mci"]).mean()) / logit(scores["prob_mci"]).std(ddof=1)
+        assert np.allclose(held["z"], expected)
+    assert training_roles({"train": {"keep": "last", "train_on_val": True}}) == ("train", "val")
+    assert training_roles({"train": {"keep": "best", "train_on_val": True}}) == ("train",)
