@@ -351,7 +351,7 @@ class RegisterToTemplate(Transform):
     """
 
     def __init__(self, voxel: float = 4.0, fwhm: float = 8.0, transform: str = "affine",
-                 cache_dir: str | Path | None = "default", min_correlation: float = 0.25,
+                 cache_dir: str | Path | None = "default", min_correlation: float = 0.23,
                  iterations: int = 200, bspline_mesh: int = 4, bspline_max_mm: float = 8.0,
                  template_image: str | Path | None = None):
         if transform not in TRANSFORMS:
@@ -500,8 +500,8 @@ class RegisterToTemplate(Transform):
         corr = correlation(smooth, template.image, template.brain())  # a local: cache threads share this object
         self.last_correlation = corr
         if corr < self.min_correlation:
-            raise DataError(name, f"registration to the template failed: correlation {corr:.2f} "
-                                  f"< {self.min_correlation} inside the template brain (check the scan's "
+            raise DataError(name, f"registration to the template failed: correlation {corr:.3f} "
+                                  f"< {self.min_correlation:g} inside the template brain (check the scan's "
                                   "orientation and field of view)")
         meta = dict(getattr(img, "meta", {}) or {})
         meta.pop("affine", None)
@@ -517,7 +517,7 @@ class RegisterToTemplated(MapTransform):
     """Dictionary twin of :class:`RegisterToTemplate`."""
 
     def __init__(self, keys: KeysCollection = "image", voxel: float = 4.0, fwhm: float = 8.0,
-                 transform: str = "affine", cache_dir: str | Path | None = "default", min_correlation: float = 0.25,
+                 transform: str = "affine", cache_dir: str | Path | None = "default", min_correlation: float = 0.23,
                  iterations: int = 200, bspline_mesh: int = 4, bspline_max_mm: float = 8.0,
                  template_image: str | Path | None = None, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)

@@ -192,6 +192,29 @@ def test_real_scans_register_to_the_template(real_data_root, tmp_path):
     assert len(list(tmp_path.glob("*.json"))) == 2
 
 
+def test_default_correlation_check_keeps_the_weakest_real_scan_and_rejects_upside_down(real_data_root, tmp_path):
+    """The default's threshold lies between the lowest real scan (Test/25, noisy: 0.247 at 6 mm) and
+    registered upside-down scans (at most 0.21 of the 41 Train scans); at 0.25, Test/25 passed on one
+    CPU and failed on another."""
+    from petmonai.config import default_config_path, load_config
+    from petmonai.transforms import build_pipelines
+
+    preprocess, _ = build_pipelines(load_config(default_config_path(), [f"template.cache_dir={tmp_path}"]))
+    steps = preprocess.transforms
+    at = next(i for i, t in enumerate(steps) if isinstance(t, RegisterToTemplated))
+    register = steps[at].register
+    assert register.min_correlation == 0.23
+    weakest = preprocess({"image": str(real_data_root / "Test/25.nii.gz")})["image"]
+    assert tuple(weakest.shape) == (1, 32, 40, 32) and 0.23 < register.last_correlation < 0.3
+    upside_down = {"image": str(real_data_root / "Train/MCI/10.nii.gz")}  # its flip registers best: 0.19
+    for t in steps[:at]:
+        upside_down = t(upside_down)
+    image = upside_down["image"]
+    flipped = MetaTensor(torch.flip(image.as_tensor(), dims=[3]), affine=image.affine, meta=dict(image.meta))
+    with pytest.raises(DataError, match=r"10.nii.gz: registration to the template failed: correlation 0\.1\d\d < 0.23"):
+        steps[at]({"image": flipped})
+
+
 def test_template_parcels_pair_left_and_right():
     from petmonai.spatial import parcel_means, template_parcels
 
