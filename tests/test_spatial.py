@@ -206,7 +206,7 @@ def test_default_correlation_check_keeps_the_weakest_real_scan_and_rejects_upsid
     assert register.min_correlation == 0.23
     weakest = preprocess({"image": str(real_data_root / "Test/25.nii.gz")})["image"]
     assert tuple(weakest.shape) == (1, 32, 40, 32) and 0.23 < register.last_correlation < 0.3
-    upside_down = {"image": str(real_data_root / "Train/MCI/10.nii.gz")}  # its flip registers best: 0.19
+    upside_down = {"image": str(real_data_root / "Train/MCI/10.nii.gz")}  # upside down it registers at 0.19
     for t in steps[:at]:
         upside_down = t(upside_down)
     image = upside_down["image"]
