@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
+from petmonai.crossval import training_roles
 from petmonai.inference import (LoadedRun, collect_inputs, load_run, model_view_probabilities, predict_out_of_fold,
                                 prepare_all, torch_threads)
 
@@ -54,21 +55,16 @@ def reference_scores(run: LoadedRun, inputs: Sequence[str | Path]) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
-def training_roles(cfg: dict) -> tuple[str, ...]:
-    """The fold roles a run's models were trained on: ``train``, and ``val`` too when the run kept its
-    last epoch with ``train.train_on_val`` (the default)."""
-    train_cfg = cfg.get("train") or {}
-    keep_last = str(train_cfg.get("keep", "best")) == "last"
-    return ("train", "val") if keep_last and bool(train_cfg.get("train_on_val", False)) else ("train",)
+def mean_view_scores(table: pd.DataFrame) -> pd.DataFrame:
+    """``predict_out_of_fold``'s per-view ``probs`` replaced by their mean, ``prob_mci``."""
+    table["prob_mci"] = [float(np.mean(p)) for p in table.pop("probs")]
+    return table
 
 
 def training_scores(run_dir: str | Path, run: LoadedRun) -> pd.DataFrame:
     """P(MCI) of every fold model's own training scans (the mean over the run's prediction views):
     one row per (repeat, fold, scan_id), the reference of ``anchored_out_of_fold(..., inputs=None)``."""
-    frames = [predict_out_of_fold(run_dir, progress=False, run=run, role=role) for role in training_roles(run.cfg)]
-    table = pd.concat([f for f in frames if len(f)], ignore_index=True)
-    table["prob_mci"] = [float(np.mean(p)) for p in table.pop("probs")]
-    return table
+    return mean_view_scores(predict_out_of_fold(run_dir, progress=False, run=run, role=training_roles(run.cfg)))
 
 
 def anchor(held_out: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
@@ -93,8 +89,7 @@ def anchored_out_of_fold(run_dir: str | Path, inputs: Sequence[str | Path] | Non
     the anchored scores of :func:`anchor` on the reference scans ``inputs``, or, with ``inputs=None``,
     on each fold model's own training scans (:func:`training_scores`)."""
     run = load_run(run_dir, {**(options or {}), "folds": "all"}, with_models=True)  # once, for both passes
-    oof = predict_out_of_fold(run_dir, progress=False, run=run)
-    oof["prob_mci"] = [float(np.mean(p)) for p in oof.pop("probs")]
+    oof = mean_view_scores(predict_out_of_fold(run_dir, progress=False, run=run))
     reference = training_scores(run_dir, run) if inputs is None else reference_scores(run, inputs)
     return anchor(oof, reference)
 

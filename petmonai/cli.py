@@ -173,10 +173,10 @@ def anchor_main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="anchor_folds.py", description="Pooled out-of-fold AUC of a run with each "
                                      "fold model's scores anchored on unlabeled reference scans (an analysis).")
     parser.add_argument("--run-dir", type=Path, required=True, help="a finished train3d.py run")
-    reference = parser.add_mutually_exclusive_group(required=True)
-    reference.add_argument("--reference", nargs="+", metavar="DIR_OR_FILE",
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--reference", nargs="+", metavar="DIR_OR_FILE",
                            help="unlabeled scans every fold model scores, e.g. the challenge's Test folder")
-    reference.add_argument("--training-reference", action="store_true",
+    source.add_argument("--training-reference", action="store_true",
                            help="anchor each fold model on its own training scans instead (no external scans)")
     parser.add_argument("--output", type=Path, default=None,
                         help="JSON of the AUCs (and a CSV of the scores beside it)")

@@ -155,6 +155,14 @@ def _finished_fold(out_dir: Path) -> dict | None:
     return None
 
 
+def training_roles(cfg: dict) -> tuple[str, ...]:
+    """The fold roles (folds.csv) a fold's model trains on: ``train``, and ``val`` too when the run keeps
+    its last epoch (``train.keep: last``) with ``train.train_on_val`` (the default config)."""
+    train_cfg = cfg.get("train") or {}
+    keep_last = str(train_cfg.get("keep", "best")) == "last"
+    return ("train", "val") if keep_last and bool(train_cfg.get("train_on_val", False)) else ("train",)
+
+
 def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repeat: int, fold: int,
                run_dir: Path, device: torch.device) -> dict:
     """Train one fold (or continue it from its resumable checkpoint); returns its test/val
@@ -172,7 +180,7 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
     augment.set_random_state(seed=seed + dist.RANK_SEED_STRIDE * dist.rank())  # rank 0: seed
     ids = {role: fold_members(folds, repeat, fold, role) for role in ("train", "val", "test")}
     keep_best = str(tcfg.get("keep", "best")) == "best"
-    if bool(tcfg.get("train_on_val", False)) and not keep_best:  # nothing needs them: the val scans train too
+    if "val" in training_roles(cfg):  # nothing needs them: the val scans train too
         ids["train"], ids["val"] = ids["train"] + ids["val"], []
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)

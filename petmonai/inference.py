@@ -767,9 +767,10 @@ def model_view_probabilities(run: LoadedRun, model: FoldModel, volume: torch.Ten
     return predict_views(single, volume, seed=seed)[0]
 
 
-def predict_out_of_fold(run_dir: str | Path, options: dict | None = None, role: str = "test",
+def predict_out_of_fold(run_dir: str | Path, options: dict | None = None, role: str | Sequence[str] = "test",
                         progress: bool = True, run: LoadedRun | None = None) -> pd.DataFrame:
-    """Per-view P(MCI) of every held-out scan of the run, by that fold's model only.
+    """Per-view P(MCI) of every held-out scan of the run, by that fold's model only (``role``: another
+    folds.csv role, or several in one pass, e.g. ``("train", "val")``: each fold's training scans).
 
     Returns one row per (repeat, fold, scan) with ``label``, ``subject`` and ``probs`` (an array
     over the strategy's views, labelled by ``run.strategy.labels``): summarise any subset of the
@@ -784,20 +785,21 @@ def predict_out_of_fold(run_dir: str | Path, options: dict | None = None, role: 
     rows = []
     models = {(m.repeat, m.fold): m for m in run.models}
     # a scan is held out once per repeat: preprocess it once, keep it until its last use
-    uses = Counter(folds.loc[folds["role"] == role, "scan_id"])
+    roles = (role,) if isinstance(role, str) else tuple(role)
+    uses = Counter(folds.loc[folds["role"].isin(roles), "scan_id"])
     volumes: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()
     with torch_threads(run.options["threads"]):
         for (repeat, fold), model in models.items():
-            rows += _fold_out_of_fold(run, model, folds, images, role, volumes, uses)
+            rows += _fold_out_of_fold(run, model, folds, images, roles, volumes, uses)
             if progress:
                 log.info("out-of-fold: repeat %d fold %d done (%.0fs)", repeat, fold, time.perf_counter() - t0)
     return pd.DataFrame(rows)
 
 
-def _fold_out_of_fold(run: LoadedRun, model: FoldModel, folds: pd.DataFrame, images: dict, role: str,
+def _fold_out_of_fold(run: LoadedRun, model: FoldModel, folds: pd.DataFrame, images: dict, roles: tuple[str, ...],
                       volumes: dict, uses: Counter) -> list[dict]:
-    members = folds[(folds["repeat"] == model.repeat) & (folds["fold"] == model.fold) & (folds["role"] == role)]
+    members = folds[(folds["repeat"] == model.repeat) & (folds["fold"] == model.fold) & folds["role"].isin(roles)]
     rows = []
     for rec in members.itertuples(index=False):
         if rec.scan_id not in volumes:
