@@ -23,7 +23,7 @@ import yaml
 
 from petmonai.errors import ConfigError
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # inside the package: found from any folder
 
 # Known entries and their types. Sections in FREE_FORM are MONAI bundle content
 # (transform lists, networks) checked when ConfigParser builds them.
@@ -52,14 +52,14 @@ SCHEMA: dict[str, Any] = {
         "repeats": int,
         "folds_file": _OPT_STR,
         "allow_leaky": bool,
-        "test_views": Choice("evaluator", "inference"),  # how held-out scans are scored (petmonai.crossval)
+        "test_views": Choice("evaluator", "inference"),  # how held-out scans are scored (petmonai.training.crossval)
     },
     "spacing": list,
-    "template": {                 # spatial normalisation (petmonai.spatial.RegisterToTemplated)
+    "template": {                 # spatial normalisation (petmonai.transforms.spatial.registration.RegisterToTemplated)
         "transform": str,
         "min_correlation": _NUM,
         "cache_dir": _OPT_STR,
-        "image": _OPT_STR,        # an FDG template of your own in MNI space (petmonai.study_template)
+        "image": _OPT_STR,        # an FDG template of your own in MNI space (petmonai.transforms.spatial.study_template)
     },
     "spatial_size": list,
     "crop_size": list,
@@ -71,10 +71,10 @@ SCHEMA: dict[str, Any] = {
         "weight_decay": _NUM,
         "val_fraction": _NUM,
         "early_stop_patience": int,
-        "keep": Choice("best", "last"),  # which epoch's weights a fold keeps (petmonai.engine)
-        "scheduler": Choice("cosine", "onecycle"),  # petmonai.engine.build_engines
+        "keep": Choice("best", "last"),  # which epoch's weights a fold keeps (petmonai.training.engine)
+        "scheduler": Choice("cosine", "onecycle"),  # petmonai.training.engine.build_engines
         "train_on_val": bool,           # with keep=last, a fold's validation scans join its training scans
-        "label_smoothing": _NUM,        # cross-entropy label smoothing (petmonai.engine.training_loss)
+        "label_smoothing": _NUM,        # cross-entropy label smoothing (petmonai.training.engine.training_loss)
         "mixup_alpha": _NUM,            # mixup of training batches, Beta(alpha, alpha); 0 = off (MixUpBatch)
         "amp": bool,
         "num_workers": int,
@@ -82,21 +82,21 @@ SCHEMA: dict[str, Any] = {
         "device": str,
         "threshold": (_NUM, str),
         "progress_bar": bool,
-        "channels_last": (bool, str),   # auto | true | false (petmonai.engine.channels_last)
+        "channels_last": (bool, str),   # auto | true | false (petmonai.training.engine.channels_last)
         "cudnn_benchmark": bool,
-        "cpu_allocator": str,           # tuned | default (petmonai.engine.tune_cpu_allocator)
+        "cpu_allocator": str,           # tuned | default (petmonai.training.engine.tune_cpu_allocator)
         "compile": bool,
         "compile_kwargs": dict,
         "augment_on_device": bool,
         "sync_bn": bool,
         "keep_resume_checkpoint": bool,
     },
-    "report": {                   # evaluation report (petmonai.report) and its reference model
+    "report": {                   # evaluation report (petmonai.evaluation.report) and its reference model
         "write": bool,
         "reference_model": bool,
         "bootstrap": int,
     },
-    "reference": {                # PCA + logistic regression reference (petmonai.reference)
+    "reference": {                # PCA + logistic regression reference (petmonai.evaluation.reference)
         "preprocessing": str,
         "spacing": list,
         "grid": list,
@@ -132,14 +132,35 @@ def _yaml_load(text: str):
 
 
 def default_config_path(name: str = "train3d.yaml") -> Path:
-    return REPO_CONFIGS / name
+    return SHIPPED_CONFIGS / name
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs that ship with petmonai (``train3d.yaml``, ``experiments/mask.yaml``, ...)."""
+    return sorted(p.relative_to(SHIPPED_CONFIGS).as_posix() for p in SHIPPED_CONFIGS.rglob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file by path, or a shipped config by name.
+
+    ``my.yaml`` is read where it is; a name that is no file is looked up among the shipped
+    configs, with or without ``.yaml`` and a leading ``configs/`` (``train2d_baseline``,
+    ``experiments/resnet18.yaml``, ``configs/train3d.yaml``).
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    name = path.as_posix()
+    name = name[len("configs/"):] if name.startswith("configs/") else name
+    for candidate in (name, f"{name}.yaml"):
+        if (SHIPPED_CONFIGS / candidate).is_file():
+            return SHIPPED_CONFIGS / candidate
+    raise ConfigError(f"{path}: config file not found (shipped configs: {', '.join(shipped_configs())})")
 
 
 def read_yaml(path: str | Path) -> dict:
     """Safe YAML read (no Python object tags) with ``_base_`` inheritance."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    path = resolve_config_path(path)
     try:
         data = _yaml_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -240,9 +261,39 @@ def _type_names(expected) -> str:
     return " or ".join(n.replace("NoneType", "null") for n in names)
 
 
+# Modules of petmonai before its subpackages (0.1): configs saved in run folders of that time name
+# their transforms by these paths. Each maps to the subpackage that exports the same names now.
+LEGACY_MODULES = {
+    "petmonai.harmonise": "petmonai.transforms", "petmonai.spatial": "petmonai.transforms",
+    "petmonai.study_template": "petmonai.transforms",
+    "petmonai.splits": "petmonai.data", "petmonai.datasets": "petmonai.data", "petmonai.synthetic": "petmonai.data",
+    "petmonai.metrics": "petmonai.evaluation", "petmonai.reference": "petmonai.evaluation",
+    "petmonai.report": "petmonai.evaluation",
+    "petmonai.views": "petmonai.inference", "petmonai.saliency": "petmonai.inference",
+    "petmonai.engine": "petmonai.training", "petmonai.crossval": "petmonai.training",
+    "petmonai.distributed": "petmonai.training",
+    "petmonai.compare": "petmonai.studies", "petmonai.experiments": "petmonai.studies",
+    "petmonai.calibration": "petmonai.studies", "petmonai.bench": "petmonai.studies",
+    "petmonai.workflows": "petmonai.commands", "petmonai.cli": "petmonai.commands", "petmonai.export": "petmonai.commands",
+}
+_LEGACY = re.compile(r"\b(" + "|".join(re.escape(m) for m in LEGACY_MODULES) + r")\.(?=[A-Za-z_])")
+
+
+def upgrade_legacy_names(node):
+    """``_target_`` paths and ``$`` expressions of a config written before the subpackages, renamed
+    (``petmonai.spatial.RegisterToTemplated`` -> ``petmonai.transforms.RegisterToTemplated``)."""
+    if isinstance(node, dict):
+        return {k: upgrade_legacy_names(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [upgrade_legacy_names(v) for v in node]
+    if isinstance(node, str) and "petmonai." in node:
+        return _LEGACY.sub(lambda m: LEGACY_MODULES[m.group(1)] + ".", node)
+    return node
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
     """Read, override and validate a config; returns a plain dict (the *resolved* config)."""
-    cfg = read_yaml(path or default_config_path())
+    cfg = upgrade_legacy_names(read_yaml(path or default_config_path()))
     for assignment in overrides or []:
         apply_override(cfg, assignment)
     validate(cfg)

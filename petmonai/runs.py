@@ -223,3 +223,35 @@ def setup_logging(run_dir: str | Path | None = None, level: int = logging.INFO) 
 
 def get_logger(name: str = "") -> logging.Logger:
     return logging.getLogger(f"{LOGGER_NAME}.{name}" if name else LOGGER_NAME)
+
+
+
+# figures: rendered in memory, written atomically
+def _new_figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """PNG rendered in memory, then written atomically (temporary file, rename) with the usual permissions."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+# the run folder's layout: one fold's folder and its files
+BEST_CHECKPOINT = "best_model.pt"      # the kept weights of a fold
+FOLD_PREDICTIONS = "predictions.csv"   # a fold's test and val predictions
+FOLD_RESULT = "fold_result.json"       # written last: the fold is finished
+RESUME_CHECKPOINT = "checkpoint.pt"    # resumable state, rewritten every epoch, removed when the fold ends
+
+
+def fold_dir_name(repeat: int, fold: int) -> str:
+    return f"fold_{fold}" if repeat == 0 else f"repeat_{repeat}/fold_{fold}"

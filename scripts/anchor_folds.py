@@ -11,7 +11,7 @@ no longer mixes probability scales. No label of the reference scans is used (the
 
 import sys
 
-from petmonai.cli import anchor_main
+from petmonai.commands import anchor_main
 
 if __name__ == "__main__":
     sys.exit(anchor_main())

@@ -6,7 +6,7 @@
 
 import sys
 
-from petmonai.cli import audit_main
+from petmonai.commands import audit_main
 
 if __name__ == "__main__":
     sys.exit(audit_main())

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from petmonai.cli import user_errors
+from petmonai.commands import user_errors
 
 
 def render(r: dict, command: str) -> str:
@@ -96,10 +96,10 @@ fp32 runs (s): {", ".join(f"{t:.2f}" for t in p["fp32_s"])}; AMP runs (s): {", "
 def main(argv=None) -> int:
     from petmonai.config import default_config_path, load_config
     from petmonai.data import discover
-    from petmonai.engine import resolve_device
-    from petmonai.bench import benchmark_training
+    from petmonai.device import resolve_device
+    from petmonai.studies import benchmark_training
     from petmonai.runs import atomic_write_text, setup_logging
-    from petmonai.workflows import resolve_data_root
+    from petmonai.commands import resolve_data_root
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=None, help="real data (default: the synthetic cohort)")

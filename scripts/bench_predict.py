@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from petmonai.cli import user_errors
+from petmonai.commands import user_errors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def load_average() -> str:
 
 
 def synthetic_inputs(n: int, folder: Path) -> Path:
-    from petmonai.synthetic import generate_cohort
+    from petmonai.data import generate_cohort
 
     return generate_cohort(folder, n_nc=2, n_mci=2, n_test=n, seed=11) / "Test"
 
@@ -309,7 +309,7 @@ def render(r: dict) -> str:
 
 @user_errors
 def main(argv=None) -> int:
-    from petmonai.bench import machine
+    from petmonai.studies import machine
     from petmonai.inference import load_run
     from petmonai.runs import atomic_write_json, atomic_write_text, git_commit, versions
 

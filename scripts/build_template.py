@@ -9,7 +9,7 @@ The template is derived from patient scans: keep it with the data, never in a re
 
 import sys
 
-from petmonai.cli import build_template_main
+from petmonai.commands import build_template_main
 
 if __name__ == "__main__":
     sys.exit(build_template_main())

@@ -7,7 +7,7 @@
 
 import sys
 
-from petmonai.cli import compare_main
+from petmonai.commands import compare_main
 
 if __name__ == "__main__":
     sys.exit(compare_main())

@@ -9,12 +9,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from petmonai.cli import user_errors
+from petmonai.commands import user_errors
 
 
 @user_errors
 def main(argv=None) -> int:
-    from petmonai.experiments import PROTOCOL_ORDER, run_experiments
+    from petmonai.studies import PROTOCOL_ORDER, run_experiments
     from petmonai.runs import setup_logging
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

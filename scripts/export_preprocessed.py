@@ -9,7 +9,7 @@ The exported volumes are derived from patient data: keep them with the data, nev
 
 import sys
 
-from petmonai.cli import export_main
+from petmonai.commands import export_main
 
 if __name__ == "__main__":
     sys.exit(export_main())

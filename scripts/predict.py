@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from petmonai.cli import user_errors
+from petmonai.commands import user_errors
 
 
 def parse_args(argv=None):

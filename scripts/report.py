@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from petmonai.cli import user_errors
+from petmonai.commands import user_errors
 
 
 @user_errors
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-figures", action="store_true", help="write report.md only")
     args = parser.parse_args(argv)
 
-    from petmonai.report import add_reference, build_report
+    from petmonai.evaluation import add_reference, build_report
     from petmonai.runs import setup_logging
 
     setup_logging(None)

@@ -7,7 +7,7 @@
 
 import sys
 
-from petmonai.cli import train3d_main
+from petmonai.commands import train3d_main
 
 if __name__ == "__main__":
     sys.exit(train3d_main())

@@ -27,7 +27,7 @@ def real_data_root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory) -> Path:
     """6 NC + 6 MCI training scans and 3 test scans of the synthetic phantom, made once per session."""
-    from petmonai.synthetic import generate_cohort
+    from petmonai.data import generate_cohort
 
     return generate_cohort(tmp_path_factory.mktemp("cohort") / "pet", n_nc=6, n_mci=6, n_test=3, seed=3)
 

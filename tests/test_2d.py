@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from petmonai.config import default_config_path, load_config
-from petmonai.engine import memory_format
+from petmonai.training import memory_format
 from petmonai.models import build_model, model_label, spatial_dims
-from petmonai.transforms import (AxialSlices, AxialSlicesd, RandAxialSlicesd, build_evaluation, build_pipelines,
-                                 slice_indices)
+from petmonai.transforms import AxialSlices, AxialSlicesd, RandAxialSlicesd, build_evaluation, build_pipelines, slice_indices
 
 CPU = torch.device("cpu")
 SMALL_2D = ["spacing=[4.8, 4.8, 4.8]", "spatial_size=[40, 40, 32]", "crop_size=[36, 36]", "num_slices=8",
@@ -91,7 +90,7 @@ def test_2d_views_random_and_even():
 @pytest.mark.slow
 def test_2d_run_end_to_end_and_predict(tiny_cohort, tmp_path):
     """train3d.py with the 2D config, then predict.py through the 2D views; saliency is 3D only."""
-    from petmonai.cli import train3d_main
+    from petmonai.commands import train3d_main
     from petmonai.inference import predict
 
     run = tmp_path / "run2d"

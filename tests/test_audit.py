@@ -1,4 +1,4 @@
-"""Tests of the data audit (petmonai.audit) on hand-made datalists, and on the real data."""
+"""Tests of the data audit (petmonai.audit.datalist) on hand-made datalists, and on the real data."""
 
 from __future__ import annotations
 
@@ -8,14 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from petmonai.audit import (
-    NO_DB_NAME,
-    audit_datalist,
-    audit_markdown,
-    audit_text,
-    rank_auc,
-    write_audit,
-)
+from petmonai.audit import NO_DB_NAME, audit_datalist, audit_markdown, audit_text, rank_auc, write_audit
 from petmonai.errors import PetmonaiError
 
 REAL_DATA = Path(__file__).parents[1] / "../shared/data/pet2023"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from petmonai.bench import benchmark_precision, benchmark_training, dense_bf16_peak
+from petmonai.studies import benchmark_precision, benchmark_training, dense_bf16_peak
 from petmonai.config import load_config
 from petmonai.data import discover
 

@@ -1,4 +1,4 @@
-"""petmonai.calibration: fold models anchored on unlabeled reference scans."""
+"""petmonai.studies.calibration: fold models anchored on unlabeled reference scans."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from scipy.stats import rankdata
 
-from petmonai.calibration import (anchor, anchored_auc, anchored_out_of_fold, logit, reference_scores, training_roles,
-                                  training_scores)
+from petmonai.studies import anchor, anchored_auc, anchored_out_of_fold, logit, reference_scores, training_scores
+from petmonai.training import training_roles
 from petmonai.inference import load_run, predict_out_of_fold
 
 from test_inference import tiny  # noqa: F401  (the trained tiny run, a session fixture)

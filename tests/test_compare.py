@@ -9,7 +9,7 @@ from sklearn.metrics import roc_auc_score
 
 from petmonai.config import default_config_path, load_config
 from petmonai.errors import PetmonaiError
-from petmonai.metrics import paired_auc_difference
+from petmonai.evaluation import paired_auc_difference
 from petmonai.models import build_model, count_parameters
 
 
@@ -39,7 +39,7 @@ def test_paired_difference_sign_and_grouping():
 
 
 def test_models_option():
-    from petmonai.compare import parse_models
+    from petmonai.studies import parse_models
 
     assert parse_models("reference,2d,3d") == ["3d", "2d", "reference"]
     with pytest.raises(PetmonaiError, match="unknown"):
@@ -50,7 +50,7 @@ def test_models_option():
 
 @pytest.mark.slow
 def test_quick_comparison_end_to_end(tiny_cohort, tmp_path, capsys):
-    from petmonai.cli import compare_main
+    from petmonai.commands import compare_main
 
     out = tmp_path / "cmp"
     assert compare_main(["--data-root", str(tiny_cohort), "--quick", "--max-epochs", "1", "--folds", "2",

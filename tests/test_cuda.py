@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from petmonai.engine import amp_settings, memory_format
+from petmonai.training import amp_settings, memory_format
 from petmonai.models import build_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -51,7 +51,7 @@ def test_amp_and_channels_last_forward_match_fp32():
 def test_training_and_prediction_on_cuda(tiny_cohort, fast_config, tmp_path):
     """A CV run on CUDA with every GPU switch on trains finite models; predict.py on CUDA (AMP) gives
     the probabilities of predict.py on CPU (fp32) for the same run, and the same labels."""
-    from petmonai.cli import train3d_main
+    from petmonai.commands import train3d_main
     from petmonai.inference import predict
 
     out = tmp_path / "run"

@@ -119,7 +119,7 @@ def test_fast_augmentation_is_monais_draw_for_draw(roi, axis):
     from monai.data import MetaTensor
     from monai.transforms import Compose, RandFlipd, RandSpatialCropd
 
-    from petmonai.datasets import UntrackedDataset
+    from petmonai.data import UntrackedDataset
     from petmonai.transforms import FastRandFlipd, FastRandSpatialCropd
 
     def pipeline(crop, flip):
@@ -149,7 +149,7 @@ def test_augmentation_without_meta_tracking_same_values():
     from monai.data import DataLoader, Dataset, get_track_meta
     from monai.transforms import Compose, RandFlipd, RandSpatialCropd
 
-    from petmonai.datasets import UntrackedDataset
+    from petmonai.data import UntrackedDataset
 
     augment = Compose([RandSpatialCropd(keys="image", roi_size=[6, 7, 6], random_size=False),
                        RandFlipd(keys="image", spatial_axis=0, prob=0.5)])

@@ -1,6 +1,6 @@
 """Multi-process training: 2 CPU processes (gloo) under torchrun on a tiny synthetic cohort.
 
-The run writes a per-rank trace (``PETMONAI_TRACE_DIR``, see :class:`petmonai.distributed.RankTrace`):
+The run writes a per-rank trace (``PETMONAI_TRACE_DIR``, see :class:`petmonai.training.distributed.RankTrace`):
 the scans of every training batch, every validation prediction and metric, and a digest of
 the weights at the end of every epoch. The checks: both ranks end every epoch with identical
 weights, every training scan is seen exactly once per epoch across the ranks, and the
@@ -22,7 +22,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from petmonai.distributed import TRACE_ENV, DistributedBatchSampler, shard, unshard
+from petmonai.training import TRACE_ENV, DistributedBatchSampler, shard, unshard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def test_shard_unshard_round_trip():
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
     """24 training scans: 2 folds of 9 train / 3 val / 12 test, an odd split between 2 ranks."""
-    from petmonai.synthetic import generate_cohort
+    from petmonai.data import generate_cohort
 
     return generate_cohort(tmp_path_factory.mktemp("ddp") / "pet", n_nc=12, n_mci=12, n_test=2, seed=5)
 
@@ -224,9 +224,9 @@ def test_default_recipe_on_two_ranks(ddp_default_run):
     weights; the held-out scores, each rank scoring its share with the prediction views, come back
     in order and equal one process scoring the saved model."""
     from petmonai.config import load_config
-    from petmonai.crossval import build_cache, test_view_scorer
+    from petmonai.training import build_cache, test_view_scorer
     from petmonai.data import train_rows
-    from petmonai.engine import load_weights
+    from petmonai.models import load_weights
     from petmonai.models import build_model
     from petmonai.transforms import build_pipelines
 

@@ -22,7 +22,7 @@ import pytest
 import petmonai
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = sorted(f"petmonai.{m.name}" for m in pkgutil.iter_modules(petmonai.__path__))
+MODULES = sorted(m.name for m in pkgutil.walk_packages(petmonai.__path__, "petmonai."))
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 
@@ -36,7 +36,7 @@ def run_doctests(module) -> tuple[doctest.TestResults, str]:
 
 
 def test_every_module_is_listed():
-    assert "petmonai.synthetic" in MODULES and "petmonai.data" in MODULES
+    assert "petmonai.data.synthetic" in MODULES and "petmonai.data.discover" in MODULES
 
 
 @pytest.fixture(scope="module")

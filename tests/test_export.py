@@ -13,11 +13,11 @@ import pytest
 import torch
 from monai.transforms import Compose
 
-from petmonai.cli import export_main
+from petmonai.commands import export_main
 from petmonai.config import build_component, load_config, read_yaml
 from petmonai.data import discover
 from petmonai.errors import DataError
-from petmonai.export import export_preprocessed
+from petmonai.commands import export_preprocessed
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +93,8 @@ def test_subjects_and_sites_of_a_csv_datalist_survive(tiny_cohort, fast_config, 
 def test_an_export_made_with_a_template_of_your_own_trains_without_it(tmp_path):
     """The exported volumes are already registered: the exported config registers nothing, so it
     neither needs the template file nor trips the check that a set template.image is used."""
-    from petmonai.export import exported_config
-    from petmonai.spatial import mni_fdg_template
+    from petmonai.commands import exported_config
+    from petmonai.transforms import mni_fdg_template
     from petmonai.transforms import build_pipelines
 
     t = mni_fdg_template(4.0)

@@ -9,7 +9,7 @@ Every fault is generated here from a small synthetic volume. Given a bad input, 
 
 File faults come in two levels:
 
-``header``  seen when files are listed (:func:`petmonai.data.read_header`): audit, train and
+``header``  seen when files are listed (:func:`petmonai.data.discover.read_header`): audit, train and
             predict stop (or skip) before any voxel is decoded.
 ``voxel``   seen when volumes are decoded (``VolumeCache`` / ``CheckVolume``): train and predict
             stop (or skip); the audit reads headers only, so it counts such a file as a scan.
@@ -44,7 +44,7 @@ import pandas as pd
 import pytest
 
 from petmonai.audit import NO_DB_NAME
-from petmonai.cli import audit_main, train3d_main
+from petmonai.commands import audit_main, train3d_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -293,7 +293,7 @@ def no_training(monkeypatch):
         seen["datalist"] = datalist
         return {"stub": True}
 
-    monkeypatch.setattr("petmonai.workflows.finish_training", stub)
+    monkeypatch.setattr("petmonai.commands.workflows.finish_training", stub)
     return seen
 
 

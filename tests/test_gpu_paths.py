@@ -11,9 +11,8 @@ import torch
 from monai.data import DataLoader
 
 from petmonai.config import load_config
-from petmonai.datasets import VolumeCache
-from petmonai.engine import (amp_settings, build_engines, channels_last, configure_backends, memory_format,
-                             prepare_batch)
+from petmonai.data import VolumeCache
+from petmonai.training import amp_settings, build_engines, channels_last, configure_backends, memory_format, prepare_batch
 from petmonai.errors import PetmonaiError
 from petmonai.transforms import build_pipelines
 
@@ -116,7 +115,7 @@ def test_compile_switch_runs_on_cpu(tmp_path):
 def test_augment_on_device_draws_the_same_augmentation(tiny_cohort, fast_config):
     """With the cache moved to the (here: CPU) device first, the random transforms see the same
     volumes and draw the same numbers as in the loader."""
-    from petmonai.crossval import make_loader, training_dataset
+    from petmonai.training import make_loader, training_dataset
 
     cfg = load_config(overrides=fast_config)
     preprocess, augment = build_pipelines(cfg)
@@ -140,7 +139,7 @@ def test_augment_on_device_draws_the_same_augmentation(tiny_cohort, fast_config)
 @pytest.mark.slow
 def test_gpu_switches_train_end_to_end_on_cpu(tiny_cohort, fast_config, tmp_path):
     """channels_last, augment_on_device, amp and cudnn_benchmark all on, through the command line."""
-    from petmonai.cli import train3d_main
+    from petmonai.commands import train3d_main
 
     out = tmp_path / "run"
     args = ["--data-root", str(tiny_cohort), "--output-dir", str(out), "--device", "cpu", "--seed", "2"]
@@ -151,7 +150,7 @@ def test_gpu_switches_train_end_to_end_on_cpu(tiny_cohort, fast_config, tmp_path
     assert train3d_main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["per_fold"]) == 2
-    from petmonai.engine import load_weights
+    from petmonai.models import load_weights
     from petmonai.models import build_model
 
     run_model = load_config(out / "config.yaml")["model"]  # the run's own network (the default's)
@@ -159,7 +158,7 @@ def test_gpu_switches_train_end_to_end_on_cpu(tiny_cohort, fast_config, tmp_path
 
 
 def test_cpu_allocator_option():
-    from petmonai.engine import tune_cpu_allocator
+    from petmonai.training import tune_cpu_allocator
     from petmonai.errors import ConfigError
 
     assert tune_cpu_allocator() is True  # glibc (CI and this machine): both thresholds accepted
@@ -169,7 +168,7 @@ def test_cpu_allocator_option():
 
 
 def test_prefetch_thread_switch():
-    from petmonai.crossval import prefetch_thread
+    from petmonai.training import prefetch_thread
     from petmonai.errors import PetmonaiError
 
     assert prefetch_thread({}, CPU) is False and prefetch_thread({}, torch.device("cuda")) is True
@@ -181,7 +180,7 @@ def test_prefetch_thread_switch():
 def test_validation_labels_follow_the_predictions_device():
     """ROCAUC indexes the labels with the predictions' order: on a GPU both must live there (a CPU
     label tensor crashed keep=best validation on CUDA). The meta device stands in for CUDA here."""
-    from petmonai.engine import mci_probability
+    from petmonai.training import mci_probability
 
     output = [{"pred": torch.zeros(2, device="meta"), "label": torch.tensor(i % 2)} for i in range(3)]
     probs, labels = mci_probability(output)

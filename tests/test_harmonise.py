@@ -9,8 +9,8 @@ import torch
 from monai.data import MetaTensor
 
 from petmonai.config import default_config_path, load_config
-from petmonai.harmonise import (FWHM_PER_SIGMA, MaskToBraind, SmoothToResolutiond, property_separability,
-                                smoothing_sigma, volume_properties)
+from petmonai.transforms import FWHM_PER_SIGMA, MaskToBraind, SmoothToResolutiond, smoothing_sigma
+from petmonai.audit import preprocessed_separability, volume_properties
 from petmonai.transforms import build_pipelines
 
 EXPERIMENTS = ["experiments/mask.yaml", "experiments/smooth.yaml", "experiments/smooth_mask.yaml",
@@ -62,7 +62,7 @@ def test_property_separability_flags_a_shortcut():
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1], 20)
     table = pd.DataFrame({"shortcut": y + rng.normal(0, 0.1, 40), "noise": rng.random(40), "constant": 1.0})
-    result = property_separability(table, y)
+    result = preprocessed_separability(table, y)
     assert result["auc"]["shortcut"] == 1.0 and result["auc"]["constant"] == 0.5 and result["auc"]["noise"] < 0.8
     assert len(result["warnings"]) == 1 and "shortcut" in result["warnings"][0]
 
@@ -83,7 +83,7 @@ def test_audit_checks_the_preprocessed_volumes(tiny_cohort, tmp_path, capsys):
     """scripts/audit.py --config: the header audit, then the same question after preprocessing."""
     import json
 
-    from petmonai.cli import audit_main
+    from petmonai.commands import audit_main
 
     assert audit_main(["--data-root", str(tiny_cohort), "--output-dir", str(tmp_path),
                        "--config", str(default_config_path("experiments/smooth_mask.yaml")),
@@ -102,7 +102,7 @@ def test_audit_of_a_registering_config_checks_the_registration(tiny_cohort, tmp_
     the classes must not differ in, and registration.png shows every registration."""
     import json
 
-    from petmonai.cli import audit_main
+    from petmonai.commands import audit_main
 
     assert audit_main(["--data-root", str(tiny_cohort), "--output-dir", str(tmp_path),
                        "--config", str(default_config_path("experiments/register_suvr.yaml")),
@@ -123,7 +123,7 @@ def test_experiment_table_reads_the_runs(tiny_cohort, tmp_path):
     """scripts/experiments.py: one row per configuration and model, numbers from the run folders."""
     import json
 
-    from petmonai.experiments import run_experiments
+    from petmonai.studies import run_experiments
 
     configs = [default_config_path("train3d.yaml"), default_config_path("experiments/mask.yaml")]
     small = ["spacing=[8.0, 8.0, 8.0]", "spatial_size=[24, 28, 24]", "crop_size=[20, 24, 20]", "cv.folds=2"]

@@ -1,4 +1,4 @@
-"""The TTA fold ensemble and the submission writer (petmonai.inference, scripts/predict.py).
+"""The TTA fold ensemble and the submission writer (petmonai.inference.predictor, scripts/predict.py).
 
 A tiny run folder is made once per session by :func:`tiny_run_dir`: a synthetic cohort with a
 strong MCI pattern, the package's own preprocessing at 8 mm, a small MONAI ResNet trained for a
@@ -22,19 +22,7 @@ import torch
 
 from petmonai.data import read_header
 from petmonai.errors import PetmonaiError
-from petmonai.inference import (
-    collect_inputs,
-    flips_form_group,
-    load_run,
-    parse_flips,
-    predict,
-    predict_out_of_fold,
-    predict_views,
-    preprocess_file,
-    resolve_options,
-    sha256_file,
-    window_starts,
-)
+from petmonai.inference import collect_inputs, flips_form_group, load_run, parse_flips, predict, predict_out_of_fold, predict_views, preprocess_file, resolve_options, sha256_file, window_starts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,7 +59,7 @@ def _train_fold(x: torch.Tensor, y: torch.Tensor, crop, seed: int, steps: int = 
 
 def tiny_run_dir(base: Path) -> tuple[Path, Path]:
     """``(run_dir, cohort)``: made on first call, reused afterwards (also by test_saliency.py)."""
-    from petmonai import synthetic
+    import petmonai.data.synthetic as synthetic
     from petmonai.config import default_config_path, dump_yaml, load_config
     from petmonai.data import discover
     from petmonai.transforms import build_pipelines
@@ -185,7 +173,7 @@ def test_options_from_config_and_overrides():
 
 def test_another_view_strategy_plugs_in(tiny, tmp_path, monkeypatch):
     """The seam the 2D model uses: a registered strategy predicts through the same command."""
-    from petmonai import inference
+    import petmonai.inference.predictor as inference
 
     class RandomCrops(inference.ViewStrategy):
         name = "test_random_crops"

@@ -5,8 +5,7 @@ import pandas as pd
 import pytest
 
 from petmonai.errors import ConfigError
-from petmonai.metrics import (METRIC_KEYS, calibration_bins, classification_metrics, evaluate_cv, fold_thresholds,
-                              parse_threshold, spread, subject_bootstrap, tune_threshold, weighted_metrics)
+from petmonai.evaluation import METRIC_KEYS, calibration_bins, classification_metrics, evaluate_cv, fold_thresholds, parse_threshold, spread, subject_bootstrap, tune_threshold, weighted_metrics
 
 
 def test_classification_metrics_known_values():

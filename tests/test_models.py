@@ -7,7 +7,8 @@ import torch
 from ignite.engine import Events
 from monai.data import DataLoader
 
-from petmonai.engine import BEST_CHECKPOINT, build_engines
+from petmonai.runs import BEST_CHECKPOINT
+from petmonai.training import build_engines
 from petmonai.config import load_config
 from petmonai.errors import ConfigError
 from petmonai.inference import resolve_options

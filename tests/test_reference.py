@@ -10,9 +10,8 @@ import pytest
 
 from petmonai.config import load_config
 from petmonai.errors import ConfigError
-from petmonai.reference import (build_reference_model, reference_features, reference_settings,
-                                run_reference_cv)
-from petmonai.splits import make_folds
+from petmonai.evaluation import build_reference_model, reference_features, reference_settings, run_reference_cv
+from petmonai.data import make_folds
 
 REAL_DATA = Path(__file__).parents[1] / "../shared/data/pet2023"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.data import DataLoader
 
-from petmonai.engine import MixUpBatch, build_engines, training_loss
+from petmonai.training import MixUpBatch, build_engines, training_loss
 from petmonai.errors import ConfigError
 
 

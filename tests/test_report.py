@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from petmonai.metrics import evaluate_cv, scored_predictions
-from petmonai.report import build_report
-from petmonai.splits import make_folds
+from petmonai.evaluation import evaluate_cv, scored_predictions
+from petmonai.evaluation import build_report
+from petmonai.data import make_folds
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SECTIONS = ["## Data audit: read this first", "## Protocol", "## Results: 3D CNN and the reference model",

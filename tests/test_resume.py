@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from petmonai.cli import train3d_main
+from petmonai.commands import train3d_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,7 @@ def test_resume_refuses_a_non_run(tmp_path, capsys):
 
 def test_finished_folds_drop_their_resumable_checkpoint(tiny_cohort, fast_config, tmp_path):
     """A finished fold is read back from fold_result.json, so its ~0.4 GB checkpoint.pt goes."""
-    from petmonai.cli import train3d_main
+    from petmonai.commands import train3d_main
 
     out = tmp_path / "run"
     args = ["--data-root", str(tiny_cohort), "--output-dir", str(out), "--device", "cpu"]
@@ -88,8 +88,8 @@ def test_prefetching_loader_gives_the_same_batches(tiny_cohort, fast_config):
     from monai.data import ThreadDataLoader
 
     from petmonai.config import load_config
-    from petmonai.crossval import make_loader
-    from petmonai.datasets import VolumeCache
+    from petmonai.training import make_loader
+    from petmonai.data import VolumeCache
     from petmonai.transforms import build_pipelines
 
     cfg = load_config(overrides=fast_config)

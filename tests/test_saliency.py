@@ -1,4 +1,4 @@
-"""Grad-CAM maps of the fold ensemble, mapped back onto the input volume (petmonai.saliency)."""
+"""Grad-CAM maps of the fold ensemble, mapped back onto the input volume (petmonai.inference.saliency)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from petmonai.errors import PetmonaiError
 from petmonai.inference import collect_inputs, load_run, predict, preprocess_file
-from petmonai.saliency import gradcam_maps, resample_to_input
+from petmonai.inference import gradcam_maps, resample_to_input
 from test_inference import tiny_run_dir
 
 

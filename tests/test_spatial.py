@@ -10,8 +10,8 @@ import torch
 from monai.data import MetaTensor
 
 from petmonai.errors import DataError
-from petmonai.spatial import (REGION_BOXES_MM, MaskToTemplateBraind, ReferenceRegionNormalised, RegisterToTemplate,
-                              RegisterToTemplated, _from_sitk, _to_sitk, correlation, mni_fdg_template)
+from petmonai.transforms import REGION_BOXES_MM, MaskToTemplateBraind, ReferenceRegionNormalised, RegisterToTemplate, RegisterToTemplated, correlation, mni_fdg_template
+from petmonai.transforms.spatial.registration import _from_sitk, _to_sitk
 
 
 def region_centre_mm(template, mask):
@@ -61,7 +61,7 @@ def test_registration_undoes_a_known_motion_and_is_cached(tmp_path, monkeypatch)
     assert tuple(out.shape) == (1, 48, 56, 48)
     # the output affine maps template voxels into the input's world: back through affines only
     # (how Grad-CAM maps reach the input file), the registered volume lands on the input again
-    from petmonai.saliency import resample_to_input
+    from petmonai.inference import resample_to_input
 
     back = resample_to_input(out[0].numpy(), np.asarray(out.affine), np.asarray(img.affine), tuple(img.shape[1:]))
     inside = img[0].numpy() > 0.3
@@ -193,7 +193,8 @@ def test_real_scans_register_to_the_template(real_data_root, tmp_path):
 
 
 def test_default_correlation_check_keeps_the_weakest_real_scan_and_rejects_upside_down(real_data_root, tmp_path):
-    """The default's threshold lies between the lowest real scan (Test/25, noisy: 0.247 at 6 mm) and
+    """The default's threshold lies between the lowest real scan (Test/25, noisy: 0.247 at 6 mm on one
+    machine, 0.42 on another: SimpleITK's optimiser is not reproducible across processors) and
     registered upside-down scans (at most 0.21 of the 41 Train scans); at 0.25, Test/25 passed on one
     CPU and failed on another."""
     from petmonai.config import default_config_path, load_config
@@ -205,7 +206,7 @@ def test_default_correlation_check_keeps_the_weakest_real_scan_and_rejects_upsid
     register = steps[at].register
     assert register.min_correlation == 0.23
     weakest = preprocess({"image": str(real_data_root / "Test/25.nii.gz")})["image"]
-    assert tuple(weakest.shape) == (1, 32, 40, 32) and 0.23 < register.last_correlation < 0.3
+    assert tuple(weakest.shape) == (1, 32, 40, 32) and register.last_correlation > 0.23
     upside_down = {"image": str(real_data_root / "Train/MCI/10.nii.gz")}  # upside down it registers at 0.19
     for t in steps[:at]:
         upside_down = t(upside_down)
@@ -216,7 +217,7 @@ def test_default_correlation_check_keeps_the_weakest_real_scan_and_rejects_upsid
 
 
 def test_template_parcels_pair_left_and_right():
-    from petmonai.spatial import parcel_means, template_parcels
+    from petmonai.transforms import parcel_means, template_parcels
 
     t = mni_fdg_template(4.0)
     labels = template_parcels(16)
@@ -239,8 +240,8 @@ def test_region_features_of_the_reference_model(tiny_cohort, tmp_path):
     from petmonai.config import default_config_path, load_config
     from petmonai.data import discover, train_rows
     from petmonai.errors import ConfigError
-    from petmonai.reference import reference_features, run_reference_cv
-    from petmonai.splits import make_folds
+    from petmonai.evaluation import reference_features, run_reference_cv
+    from petmonai.data import make_folds
 
     overrides = ["spacing=[8.0, 8.0, 8.0]", "spatial_size=[24, 28, 24]", "reference.preprocessing=package",
                  "reference.features=regions", "reference.regions=16", "report.bootstrap=50"]
@@ -257,7 +258,7 @@ def test_region_features_of_the_reference_model(tiny_cohort, tmp_path):
 
 
 def test_parcel_average_keeps_regional_uptake_only():
-    from petmonai.spatial import ParcelAveraged, parcel_means, template_parcels
+    from petmonai.transforms import ParcelAveraged, parcel_means, template_parcels
 
     t = mni_fdg_template(4.0)
     rng = np.random.default_rng(0)

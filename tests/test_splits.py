@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from petmonai.errors import PetmonaiError
-from petmonai.splits import check_no_leak, fold_ids, load_folds, make_folds
+from petmonai.data import check_no_leak, fold_ids, load_folds, make_folds
 
 REAL_DATA = Path(__file__).parents[1] / "../shared/data/pet2023"
 

@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from petmonai.cli import build_template_main, train3d_main
+from petmonai.commands import build_template_main, train3d_main
 from petmonai.config import load_config
 from petmonai.errors import ConfigError, DataError, PetmonaiError
-from petmonai.spatial import RegisterToTemplate, correlation, find_registration, load_template, mni_fdg_template
-from petmonai.study_template import build_study_template, template_inputs, write_study_template
+from petmonai.transforms import RegisterToTemplate, correlation, load_template, mni_fdg_template
+from petmonai.audit import find_registration
+from petmonai.transforms import build_study_template, template_inputs, write_study_template
 from petmonai.transforms import build_pipelines
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,6 +173,6 @@ def test_runs_keep_their_template_and_predict_with_it(tiny_cohort, tmp_path, fas
 def test_a_template_the_preprocessing_would_ignore_is_an_error(tmp_path):
     t = mni_fdg_template(4.0)
     path = save(tmp_path / "own.nii.gz", brighter_cerebellum(), t.affine)
-    cfg = load_config(REPO / "configs" / "experiments" / "register_suvr.yaml", [f"template.image={path}"])
+    cfg = load_config("experiments/register_suvr.yaml", [f"template.image={path}"])
     with pytest.raises(ConfigError, match="template.image is set .*`template_image"):
         build_pipelines(cfg)

@@ -9,11 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from petmonai import synthetic
+import petmonai.data.synthetic as synthetic
 from petmonai.errors import PetmonaiError
-from petmonai.synthetic import (
-    BRAIN_OFFSET_MM, MCI_REGIONS, TRUTH_COLUMNS, VERSION, default_cohort_dir, generate_cohort, make_phantom,
-)
+from petmonai.data import BRAIN_OFFSET_MM, MCI_REGIONS, TRUTH_COLUMNS, VERSION, default_cohort_dir, generate_cohort, make_phantom
 
 SMALL = dict(n_nc=4, n_mci=4, n_test=3, seed=3)  # repeat_fraction 0.2: one second visit per class
 

@@ -7,10 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from petmonai.cli import train3d_main
+from petmonai.commands import train3d_main
 from petmonai.config import load_config
-from petmonai.datasets import VolumeCache
-from petmonai.engine import amp_settings, resolve_device
+from petmonai.data import VolumeCache
+from petmonai.training import amp_settings
+from petmonai.device import resolve_device
 from petmonai.errors import DataError
 from petmonai.transforms import build_pipelines
 

@@ -1,0 +1,58 @@
+"""Data: discovery of a cohort (folder layout, CSV), splits, cached datasets, the synthetic phantom cohort."""
+
+from petmonai.data.discover import (  # noqa: F401
+    ADNI_SUBJECT,
+    CLASS_TO_LABEL,
+    COLUMNS,
+    NIFTI_SUFFIXES,
+    bad_files_error,
+    check_file_size,
+    check_shape,
+    check_unique_uuids,
+    discover,
+    discover_layout,
+    fingerprint,
+    is_nifti,
+    list_nifti,
+    nifti_stem,
+    read_datalist_csv,
+    read_header,
+    to_items,
+    train_rows,
+    verify_gzip,
+)
+
+from petmonai.data.splits import (  # noqa: F401
+    FOLD_COLUMNS,
+    LEAKY_PROTOCOLS,
+    PROTOCOLS,
+    check_no_leak,
+    fold_ids,
+    fold_members,
+    inner_validation,
+    load_folds,
+    make_folds,
+)
+
+from petmonai.data.datasets import (  # noqa: F401
+    UntrackedDataset,
+    VolumeCache,
+    describe_failure,
+)
+
+from petmonai.data.synthetic import (  # noqa: F401
+    BRAIN_OFFSET_MM,
+    MCI_REGIONS,
+    MCI_SEVERITY,
+    NC_SEVERITY,
+    PARAMS_JSON,
+    POSE_DEGREES,
+    POSE_SHIFT_MM,
+    TRUTH_COLUMNS,
+    TRUTH_CSV,
+    VERSION,
+    cached_cohort,
+    default_cohort_dir,
+    generate_cohort,
+    make_phantom,
+)

@@ -1,0 +1,17 @@
+"""Models: the registry of networks petmonai trains (3D SFCN, 3D/2D ResNet-18) and their facts."""
+
+from petmonai.models.registry import (  # noqa: F401
+    SFCN,
+    build_model,
+    count_parameters,
+    model_label,
+    register,
+    resnet18_2d,
+    resnet18_3d,
+    sfcn_3d,
+    spatial_dims,
+)
+
+from petmonai.models.checkpoints import (  # noqa: F401
+    load_weights,
+)

@@ -1,0 +1,50 @@
+"""Studies built on training: 2D vs 3D comparison, preprocessing experiments, calibration, benchmarks."""
+
+from petmonai.studies.compare import (  # noqa: F401
+    DEFAULT_MODELS,
+    MODELS,
+    PROTOCOLS,
+    QUICK,
+    QUICK_EPOCHS,
+    REFERENCE,
+    compare,
+    comparison_markdown,
+    model_entry,
+    paired_difference,
+    parse_models,
+    plot_comparison,
+    run_complete,
+    train_model,
+    train_run,
+)
+
+from petmonai.studies.experiments import (  # noqa: F401
+    PROTOCOL_ORDER,
+    run_experiments,
+    write_table,
+)
+
+from petmonai.studies.calibration import (  # noqa: F401
+    SCORES,
+    anchor,
+    anchored_auc,
+    anchored_out_of_fold,
+    logit,
+    mean_view_scores,
+    reference_scores,
+    training_scores,
+)
+
+from petmonai.studies.bench import (  # noqa: F401
+    DENSE_BF16_PEAK,
+    DataWaitTimer,
+    bare_loop,
+    benchmark_precision,
+    benchmark_training,
+    dense_bf16_peak,
+    engine_loop,
+    machine,
+    matmul_flops,
+    peak_rss_gb,
+    training_step_flops,
+)

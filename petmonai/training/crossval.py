@@ -1,0 +1,372 @@
+"""Cross-validated training: one model per fold, out-of-fold predictions, pooled metrics.
+
+>>> result = run_cross_validation(cfg, datalist, run_dir, device)  # doctest: +SKIP
+>>> result["metrics"]["pooled"]["roc_auc"]  # doctest: +SKIP
+
+Per fold the model trains on the ``train`` scans; with ``train.keep: best`` it picks its best
+epoch and stops early on the ``val`` scans (training subjects set aside), with ``train.keep: last``
+it keeps its final weights (and ``train.train_on_val`` lets the ``val`` scans train too). It is
+then evaluated once on the ``test`` scans, which it never influenced.
+
+Under torchrun every process runs this same code (:mod:`petmonai.training.distributed`): the training
+scans of each epoch are split between the ranks, validation and test predictions are gathered,
+and rank 0 alone writes the run folder.
+"""
+
+from __future__ import annotations
+import gc
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+import numpy as np
+import pandas as pd
+import torch
+from monai.data import DataLoader, DistributedSampler, ThreadDataLoader
+from monai.utils import set_determinism
+import petmonai.training.distributed as dist
+from petmonai.data import to_items, train_rows
+from petmonai.data import UntrackedDataset, VolumeCache
+from petmonai.runs import BEST_CHECKPOINT
+from petmonai.models import load_weights
+from petmonai.training.engine import TrainingState, build_engines, configure_backends, cuda_auto_switch, memory_format, predict_probabilities
+from petmonai.evaluation import evaluate_cv, scored_predictions
+from petmonai.models import build_model, count_parameters, model_label, spatial_dims
+from petmonai.runs import atomic_write_csv, atomic_write_json, get_logger
+from petmonai.data import LEAKY_PROTOCOLS, fold_ids, fold_members, load_folds, make_folds
+from petmonai.transforms import build_evaluation, build_pipelines
+from petmonai.runs import FOLD_PREDICTIONS, FOLD_RESULT, RESUME_CHECKPOINT, fold_dir_name
+
+
+log = get_logger("cv")
+
+
+def build_cache(cfg: dict, datalist: pd.DataFrame, preprocess) -> VolumeCache:
+    items = to_items(datalist)
+    t0 = time.perf_counter()
+    cache = VolumeCache(items, preprocess, num_workers=cfg["data"].get("cache_workers", 2),
+                        skip_bad=cfg["data"].get("skip_bad", False))
+    log.info("preprocessed %d volumes once into the cache in %.1fs (%d skipped)",
+             len(cache), time.perf_counter() - t0, len(cache.skipped))
+    return cache
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, device: torch.device, seed: int = 0,
+                distributed: bool = False, pin_memory: bool | None = None, prefetch: bool = False):
+    """A loader; with ``distributed`` and several processes, this rank's part of ``dataset``:
+    training (``shuffle``) through :class:`petmonai.training.distributed.DistributedBatchSampler` (every
+    item once per epoch across ranks), evaluation split without padding duplicates.
+
+    ``prefetch`` (with ``num_workers=0``): MONAI's ``ThreadDataLoader``, which builds the next batch
+    (the random augmentation of cached volumes) in a background thread while the network trains on
+    the current one; same items, same order, same random draws as the plain loader."""
+    pin = device.type == "cuda" if pin_memory is None else pin_memory
+    world = dist.world_size() if distributed else 1
+    loader_class = ThreadDataLoader if prefetch and num_workers == 0 else DataLoader
+    if world > 1 and shuffle:
+        sampler = dist.DistributedBatchSampler(len(dataset), batch_size, world, dist.rank(), seed)
+        # the generator only seeds the loader's workers (their random transforms): different per rank
+        workers_seed = torch.Generator().manual_seed(seed + dist.RANK_SEED_STRIDE * dist.rank())
+        return loader_class(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin,
+                            generator=workers_seed, persistent_workers=False)
+    sampler = None
+    if world > 1 and len(dataset) >= world:  # (fewer items than ranks: every rank takes them all,
+        # which leaves a gathered ROC AUC unchanged: each positive-negative pair counted world^2 times)
+        sampler = DistributedSampler(dataset, shuffle=False, even_divisible=False)
+    generator = torch.Generator().manual_seed(seed)
+    return loader_class(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
+                      pin_memory=pin, generator=generator if shuffle else None,
+                      persistent_workers=False,  # new workers each epoch, seeded from the loader generator: exact resume
+                      drop_last=shuffle and len(dataset) % batch_size == 1)  # batch norm needs 2+ samples
+
+
+def prefetch_thread(train_cfg: dict, device: torch.device) -> bool:
+    """``train.prefetch_thread``: auto = on CUDA only (where the main thread mostly waits for the GPU;
+    on a small CPU the thread's augmentation competes with the training step for the cores)."""
+    return cuda_auto_switch(train_cfg, "prefetch_thread", device)
+
+
+class _DeviceView(Sequence):
+    """Cached items with their image already on ``device`` (copied there once per fold), each
+    returned as a shallow copy: the random augmentation then runs on that device."""
+
+    def __init__(self, cache: VolumeCache, scan_ids, device: torch.device):
+        self.items = []
+        for sid in scan_ids:
+            item = dict(cache[sid])
+            item["image"] = torch.as_tensor(item["image"]).to(device)
+            self.items.append(item)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return dict(self.items[i])
+
+
+def training_dataset(cache: VolumeCache, scan_ids, augment, device: torch.device, on_device: bool):
+    """The augmented training set: random transforms in the loader (CPU, workers), or with
+    ``on_device`` (``train.augment_on_device``) on the training device, in the main process.
+    The augmentation runs without MONAI's meta-data tracking (:class:`UntrackedDataset`)."""
+    if not on_device:
+        return cache.subset(scan_ids, augment, track_meta=False)
+    missing = [s for s in scan_ids if s not in cache.index]
+    if missing:
+        cache.subset(missing)  # raises the cache's own error
+    return UntrackedDataset(_DeviceView(cache, scan_ids, device), transform=augment)
+
+
+def training_loader(cache: VolumeCache, scan_ids, augment, train_cfg: dict, device: torch.device, seed: int = 0):
+    """The training loader as ``train:`` asks for it: augmentation in the loader (workers, pinned
+    memory and a prefetch thread on CUDA) or on the device (``augment_on_device``); this rank's share
+    under torchrun."""
+    on_device = bool(train_cfg.get("augment_on_device", False))
+    dataset = training_dataset(cache, scan_ids, augment, device, on_device)
+    workers = 0 if on_device else int(train_cfg.get("num_workers", 0))
+    return make_loader(dataset, int(train_cfg["batch_size"]), True, workers, device, seed, distributed=True,
+                       pin_memory=False if on_device else None, prefetch=prefetch_thread(train_cfg, device))
+
+
+def test_view_scorer(cfg: dict, device: torch.device):
+    """``cv.test_views``: ``evaluator`` (when the key is absent) scores a held-out scan once, as the training
+    evaluator sees it (the whole cached volume; 2D: the ``evaluate`` slices); ``inference`` scores it
+    with the prediction views of ``predict.py`` (:class:`petmonai.inference.predictor.HeldOutViews`), so
+    out-of-fold metrics describe the predictor users run, one fold model at a time (the setting of
+    ``configs/train3d.yaml``)."""
+    mode = str(cfg["cv"].get("test_views", "evaluator"))
+    if mode == "evaluator":
+        return None
+    from petmonai.inference import HeldOutViews
+
+    return HeldOutViews(cfg, device, amp=bool(cfg["train"].get("amp", True)))
+
+
+def _finished_fold(out_dir: Path) -> dict | None:
+    if (out_dir / FOLD_PREDICTIONS).is_file() and (out_dir / FOLD_RESULT).is_file():
+        return json.loads((out_dir / FOLD_RESULT).read_text())
+    return None
+
+
+def training_roles(cfg: dict) -> tuple[str, ...]:
+    """The fold roles (folds.csv) a fold's model trains on: ``train``, and ``val`` too when the run keeps
+    its last epoch (``train.keep: last``) with ``train.train_on_val`` (the default config)."""
+    train_cfg = cfg.get("train") or {}
+    keep_last = str(train_cfg.get("keep", "best")) == "last"
+    return ("train", "val") if keep_last and bool(train_cfg.get("train_on_val", False)) else ("train",)
+
+
+def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repeat: int, fold: int,
+               run_dir: Path, device: torch.device) -> dict:
+    """Train one fold (or continue it from its resumable checkpoint); returns its test/val
+    predictions and training facts. A finished fold is read back from its folder, not retrained."""
+    out_dir = run_dir / fold_dir_name(repeat, fold)
+    done = dist.on_main(_finished_fold, out_dir)  # rank 0 reads the run folder
+    if done is not None:
+        log.info("repeat %d fold %d: already finished, read from %s", repeat, fold, out_dir)
+        preds = pd.read_csv(out_dir / FOLD_PREDICTIONS, dtype={"scan_id": str}) if dist.is_main() else None
+        return {**done, "predictions": preds}
+    tcfg = cfg["train"]
+    seed = int(cfg["seed"]) + 100 * repeat + fold
+    set_determinism(seed=seed)
+    configure_backends(device, tcfg)
+    augment.set_random_state(seed=seed + dist.RANK_SEED_STRIDE * dist.rank())  # rank 0: seed
+    ids = {role: fold_members(folds, repeat, fold, role) for role in ("train", "val", "test")}
+    keep_best = str(tcfg.get("keep", "best")) == "best"
+    if "val" in training_roles(cfg):  # nothing needs them: the val scans train too
+        ids["train"], ids["val"] = ids["train"] + ids["val"], []
+    if dist.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    bs = int(tcfg["batch_size"])
+    train_loader = training_loader(cache, ids["train"], augment, tcfg, device, seed)
+    evaluate = build_evaluation(cfg)  # 2D: evenly spaced slices + centre crop; 3D: None (the cached volume)
+    val_loader = (make_loader(cache.subset(ids["val"], evaluate), bs, False, 0, device, distributed=True)
+                  if ids["val"] else None)
+    net = build_model(cfg["model"], cfg).to(device)
+    trainer, evaluator = build_engines(net, train_loader, val_loader, out_dir, tcfg, device)
+    state = TrainingState(out_dir / RESUME_CHECKPOINT, trainer, evaluator, augment, train_loader.generator,
+                          trainer.history)
+    finished = state.restore()
+    state.attach(trainer)
+    trace = dist.RankTrace.from_env({"repeat": repeat, "fold": fold})
+    if trace is not None:
+        trace.attach(trainer, evaluator)
+    log.info("repeat %d fold %d: %d train / %d val / %d test scans%s", repeat, fold, len(ids["train"]),
+             len(ids["val"]), len(ids["test"]),
+             f", resumed after epoch {trainer.state.epoch}" if trainer.state.epoch else "")
+    t0 = time.perf_counter()
+    if not finished:
+        trainer.run()
+    seconds = time.perf_counter() - t0
+
+    if dist.is_main():
+        load_weights(net, out_dir / BEST_CHECKPOINT, device)
+    dist.broadcast_module(net)  # rank 0's best weights on every rank
+    if trace is not None:
+        trace.record("best", digest=dist.state_digest(net))
+    preds, fmt = [], memory_format(device, tcfg, spatial_dims(net))
+    held_out_views = test_view_scorer(cfg, device)
+    for role in ("test", "val"):
+        if not ids[role]:
+            continue
+        share = dist.shard(ids[role])  # this rank's share
+        if held_out_views is not None:  # predict.py's views (windows x flips), by this fold's network
+            probs = held_out_views(net, {sid: cache[sid]["image"] for sid in share})
+        else:
+            loader = make_loader(cache.subset(share, evaluate), bs, False, 0, device)
+            # float64 so that predictions read back from predictions.csv (resume) are bit-identical
+            probs = predict_probabilities(net, loader, device, bool(tcfg.get("amp", True)), fmt).astype(np.float64)
+        if dist.world_size() > 1:
+            probs = np.asarray(dist.gather_sharded(probs.tolist()), dtype=np.float64)
+        preds.append(pd.DataFrame({"repeat": repeat, "fold": fold, "role": role, "scan_id": ids[role],
+                                   "prob_mci": probs}))
+    # the kept epoch and its validation AUC: the best one, or (keep=last) the final one
+    kept_epoch, kept_auc = trainer.state.epoch, float("nan")
+    if evaluator is not None and keep_best:
+        kept_epoch = getattr(evaluator.state, "best_metric_epoch", kept_epoch)
+        kept_auc = float(evaluator.state.best_metric)
+    elif evaluator is not None:
+        kept_auc = float(evaluator.state.metrics.get("val_auc", float("nan")))
+    info = {
+        "epochs_run": int(trainer.state.epoch),
+        "best_epoch": int(kept_epoch),
+        "best_val_auc": kept_auc,
+        "parameters": count_parameters(net),
+    }
+    predictions = pd.concat(preds, ignore_index=True)
+    if dist.is_main():
+        atomic_write_csv(out_dir / FOLD_PREDICTIONS, predictions)
+        atomic_write_json(out_dir / "timing.json", {"train_seconds": seconds, "processes": dist.world_size(),
+                                                    "train_volumes": len(ids["train"]) * info["epochs_run"]})
+        atomic_write_json(out_dir / FOLD_RESULT, info)  # written last: marks the fold as finished
+        if not bool(tcfg.get("keep_resume_checkpoint", False)):  # ~0.4 GB a fold; a finished fold needs none
+            (out_dir / RESUME_CHECKPOINT).unlink(missing_ok=True)
+    return {**info, "predictions": predictions}
+
+
+def summarise(predictions: pd.DataFrame, datalist: pd.DataFrame, protocol: str, threshold,
+              fold_info: list[dict], n_boot: int = 2000, seed: int = 0) -> dict:
+    """Pooled out-of-fold metrics (per repeat, then averaged), per-fold and per-site metrics, each
+    with a 95% CI resampling subjects; ``threshold`` a number or ``'tuned'`` (on each fold's ``val``
+    predictions). See :func:`petmonai.evaluation.metrics.evaluate_cv` for the layout of the result."""
+    return evaluate_cv(predictions, datalist, protocol, threshold, fold_info, n_boot=n_boot, seed=seed,
+                       leaky_protocols=LEAKY_PROTOCOLS)
+
+
+def preprocessed_check(cache: VolumeCache, train: pd.DataFrame, run_dir: Path, preprocess=None) -> dict:
+    """The audit after preprocessing: does any property of the volumes the network will see (shape,
+    intensity range, background, brain fraction) still separate the classes? Writes
+    ``preprocessed_check.json`` and warns loudly when one does (the audit did the same for the
+    headers before preprocessing). A ``preprocess`` that registers to the template also gets each
+    scan's correlation with the template checked and ``registration.png`` (QC montage) written."""
+    from petmonai.audit import preprocessed_separability, volume_properties
+    from petmonai.audit import find_registration, registration_montage, template_correlations
+
+    rows = []
+    for sid in cache.scan_ids:
+        image = cache[sid]["image"]
+        rows.append({"scan_id": sid, "shape": "x".join(map(str, image.shape[1:])), "dtype": str(image.dtype),
+                     **volume_properties(image)})
+    table = pd.DataFrame(rows)
+    labels = train.set_index("scan_id").loc[table["scan_id"], "label"].to_numpy()
+    register = find_registration(preprocess)
+    registration = None
+    if register is not None:
+        volumes = {sid: cache[sid]["image"] for sid in cache.scan_ids}
+        corr = template_correlations(volumes, register)
+        table["template_correlation"] = table["scan_id"].map(corr)
+        names = dict(zip(table["scan_id"], np.where(labels == 1, "MCI", "NC")))
+        registration_montage(volumes, register, run_dir / "registration.png", corr, names)
+        registration = {"template_correlation": corr, "min": min(corr.values()), "montage": "registration.png"}
+    props = table.drop(columns=["scan_id"]).assign(shape=lambda t: pd.factorize(t["shape"])[0],
+                                                   dtype=lambda t: pd.factorize(t["dtype"])[0])
+    result = preprocessed_separability(props, labels)
+    result["n_scans"] = len(table)
+    if registration is not None:
+        result["registration"] = registration
+    atomic_write_json(run_dir / "preprocessed_check.json", result)
+    for warning in result["warnings"]:
+        log.warning("PREPROCESSED-DATA CHECK: %s", warning)
+    worst = max(result["auc"].items(), key=lambda kv: kv[1])
+    log.info("preprocessed-data check: the most class-separating volume property is '%s' (AUC %.2f)", *worst)
+    return result
+
+
+def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path, device: torch.device,
+                         resume: bool = False) -> dict:
+    """Preprocess once, make (or reuse) folds, train every fold, write predictions and metrics.
+
+    ``resume=True`` continues a run folder: its own folds, finished folds read back, an
+    unfinished fold continued from its resumable checkpoint."""
+    run_dir = Path(run_dir)
+    train = train_rows(datalist)
+    preprocess, augment = build_pipelines(cfg)
+    cache = build_cache(cfg, train, preprocess)  # every rank holds the whole cache
+    if cache.skipped:
+        if dist.is_main():
+            atomic_write_csv(run_dir / "skipped.csv", pd.DataFrame(cache.skipped))
+        log.warning("skipped %d unreadable volume(s), listed in skipped.csv", len(cache.skipped))
+        train = train[train["scan_id"].isin(cache.scan_ids)].reset_index(drop=True)
+
+    if dist.is_main() and not resume:
+        preprocessed_check(cache, train, run_dir, preprocess)
+
+    cv = cfg["cv"]
+
+    def decide_folds():
+        folds_file = run_dir / "folds.csv" if resume else cv.get("folds_file")
+        if folds_file:
+            folds = load_folds(folds_file, train)
+            protocol = str(folds.attrs.get("protocol", cv["protocol"]))
+        else:
+            protocol = cv["protocol"]
+            folds = make_folds(train, protocol, int(cv["folds"]), int(cv["repeats"]), int(cfg["seed"]),
+                               float(cfg["train"]["val_fraction"]), bool(cv.get("allow_leaky", False)))
+        atomic_write_csv(run_dir / "folds.csv", folds)
+        return folds, protocol
+
+    folds, protocol = dist.on_main(decide_folds)  # rank 0 reads and writes; every rank gets its folds
+    if dist.world_size() > 1:
+        log.info("%d processes (%s): each trains on its share of every epoch's scans", dist.world_size(),
+                 torch.distributed.get_backend())
+    if protocol in LEAKY_PROTOCOLS:
+        log.warning("CV protocol '%s' is LEAKY: scans of one subject can sit on both sides of a fold", protocol)
+
+    fold_info, predictions = [], []
+    for repeat, fold in fold_ids(folds):
+        info = train_fold(cfg, cache, augment, folds, repeat, fold, run_dir, device)
+        # the fold's engines, handlers and network reference each other: free their ~0.5 GB (model,
+        # optimiser, gradients) now rather than whenever Python's cycle collector happens to run
+        gc.collect()
+        info.update(repeat=repeat, fold=fold)
+        predictions.append(info["predictions"])
+        fold_info.append(info)
+        log.info("repeat %d fold %d: kept epoch %d of %d, val AUC %.3f", repeat, fold, info["best_epoch"],
+                 info["epochs_run"], info["best_val_auc"])
+    if not dist.is_main():  # rank 0 summarises and writes the results
+        return {"metrics": None, "folds": folds, "predictions": None, "reference": None}
+
+    preds = pd.concat(predictions, ignore_index=True)
+    rcfg = cfg.get("report") or {}
+    n_boot, threshold = int(rcfg.get("bootstrap", 2000)), cfg["train"]["threshold"]
+    metrics = summarise(preds, train, protocol, threshold, fold_info, n_boot=n_boot, seed=int(cfg["seed"]))
+    scorer = test_view_scorer(cfg, device)
+    metrics["test_views"] = ({"mode": "inference", **scorer.describe(cache[cache.scan_ids[0]]["image"].shape)}
+                             if scorer is not None else {"mode": "evaluator"})
+    test_preds = scored_predictions(preds[preds["role"] == "test"], metrics).merge(
+        train[["scan_id", "uuid", "image", "subject", "site", "label", "class_name"]], on="scan_id")
+    atomic_write_csv(run_dir / "oof_predictions.csv", test_preds.drop(columns=["role"]))
+    atomic_write_csv(run_dir / "val_predictions.csv", preds[preds["role"] == "val"])
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    log.info("%s: %s", model_label(cfg["model"]), metrics["headline"]["text"])
+
+    reference = None
+    if rcfg.get("reference_model", True):
+        from petmonai.evaluation import run_reference_cv
+
+        try:  # the CNN's results are written; a failing reference must not lose them
+            reference = run_reference_cv(cfg, train, folds, run_dir / "reference", protocol=protocol)
+        except Exception as err:  # reported, and the report says the reference is missing
+            log.error("reference model failed (%s: %s); add it later with: python scripts/report.py %s --reference",
+                      type(err).__name__, err, run_dir)
+    return {"metrics": metrics, "folds": folds, "predictions": test_preds, "reference": reference}
