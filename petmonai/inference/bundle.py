@@ -12,9 +12,13 @@ own runner (``python -m monai.bundle run``) as ``predict.py`` does with the run 
                   class probabilities, so the bundle's softmax postprocessing gives them back
     handlers      :class:`ProbabilityWriter`: ``probabilities.csv`` in ``output_dir``
 
->>> ens = ViewEnsemble(lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2)), n_models=2,
-...                    spatial_size=[12, 12, 12], crop_size=[10, 10, 10])   # doctest: +SKIP
->>> torch.softmax(ens(torch.rand(1, 1, 12, 12, 12)), dim=1)   # P(NC), P(MCI)  # doctest: +SKIP
+>>> fold_net = lambda: torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.AdaptiveAvgPool3d(1), torch.nn.Flatten())
+>>> ens = ViewEnsemble(fold_net, n_models=2, spatial_size=[12, 12, 12], crop_size=[10, 10, 10])
+>>> len(ens.starts) * len(ens.flips)                 # views per volume: 2 x 2 x 2 windows x 2 flips
+16
+>>> probs = torch.softmax(ens(torch.rand(3, 1, 12, 12, 12)), dim=1)   # P(NC), P(MCI) of 3 volumes
+>>> probs.shape, bool(torch.allclose(probs.sum(dim=1), torch.ones(3)))
+(torch.Size([3, 2]), True)
 """
 
 import copy
