@@ -36,7 +36,7 @@ def test_tracked_run_is_logged_and_read_back(tiny_cohort, fast_config, tmp_path,
     run = tmp_path / "tracked"
     args = ["--data-root", str(tiny_cohort), "--output-dir", str(run), "--device", "cpu", "--seed", "1",
             "--set", "tracking.mlflow=true", "--set", "tracking.experiment=petmonai-test",
-            "--set", "report.reference_model=false", "--set", "report.bootstrap=50"]
+            "--set", "report.reference_model=false", "--set", "report.bootstrap=50", "--set", "cv.test_views=evaluator"]
     for o in fast_config:
         args += ["--set", o]
     assert train3d_main(args) == 0
