@@ -96,6 +96,10 @@ SCHEMA: dict[str, Any] = {
         "reference_model": bool,
         "bootstrap": int,
     },
+    "tracking": {                 # experiment tracking (petmonai.training.tracking)
+        "mlflow": bool,           # log config, losses, metrics and the report to MLflow (extra: petmonai[mlflow])
+        "experiment": str,        # the MLflow experiment the run is logged in
+    },
     "reference": {                # PCA + logistic regression reference (petmonai.evaluation.reference)
         "preprocessing": str,
         "spacing": list,

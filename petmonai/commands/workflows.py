@@ -219,6 +219,22 @@ def run_resources(run_dir: Path, seconds: float, device) -> dict:
 
 
 def finish_training(cfg, datalist, run_dir, device, synthetic, log, resume: bool = False) -> dict:
+    """Cross-validate, report and (``tracking.mlflow``) log the run to MLflow; the metrics (rank 0)."""
+    from petmonai.training import tracked_run
+
+    with tracked_run(cfg, run_dir) as tracker:
+        metrics = _cross_validate_and_report(cfg, datalist, run_dir, device, synthetic, log, resume)
+        if tracker is not None:
+            tracker.log_results(metrics, read_reference_metrics(run_dir))
+    return metrics
+
+
+def read_reference_metrics(run_dir) -> dict | None:
+    path = Path(run_dir) / "reference" / "metrics.json"
+    return {"metrics": json.loads(path.read_text())} if path.is_file() else None
+
+
+def _cross_validate_and_report(cfg, datalist, run_dir, device, synthetic, log, resume: bool = False) -> dict:
     from petmonai.training import run_cross_validation
 
     from petmonai.models import model_label

@@ -47,6 +47,7 @@ from petmonai.inference.predictor import (  # noqa: F401
     prediction_provenance,
     prepare_all,
     preprocess_file,
+    preprocess_path,
     resolve_options,
     run_threshold,
     sha256_file,
@@ -64,4 +65,19 @@ from petmonai.inference.saliency import (  # noqa: F401
     resample_to_input,
     saliency_class,
     write_saliency,
+)
+
+from petmonai.inference.bundle import (  # noqa: F401
+    BUNDLE_COLUMNS,
+    ProbabilityWriter,
+    ScreenedDataset,
+    ViewEnsemble,
+    bundle_inputs,
+    screen_inputs,
+)
+
+from petmonai.inference.bundle_export import (  # noqa: F401
+    SCHEMA_FILE,
+    SCHEMA_URL,
+    export_bundle,
 )

@@ -431,13 +431,22 @@ def check_extent(path: Path, header: dict, cfg: dict, fraction: float) -> None:
 def preprocess_file(item: InputFile, run: LoadedRun) -> Prepared:
     """Read and preprocess one input exactly as the run's training data; :class:`DataError` names
     the file when it cannot be read, has NaN/Inf, is empty or has an unexpected shape."""
+    volume, affine, header = preprocess_path(item.path, run.preprocess, run.cfg, float(run.options["min_extent_fraction"]))
+    return Prepared(item, volume, affine, header["subject"])
+
+
+def preprocess_path(path: Path, preprocess, cfg: dict, min_extent_fraction: float) -> tuple[torch.Tensor, np.ndarray | None, dict]:
+    """``(volume, affine, header)`` of one NIfTI file through a run's ``preprocess`` Compose, with the
+    checks every prediction makes (the field of view, finite values, the run's ``spatial_size``):
+    :class:`DataError` names the file and the problem. ``predict`` and a MONAI bundle's dataset
+    (:class:`petmonai.inference.bundle.ScreenedDataset`) both preprocess through here."""
     from petmonai.data import describe_failure
 
-    path = item.path
+    path = Path(path)
     header = read_header(path)
-    check_extent(path, header, run.cfg, float(run.options["min_extent_fraction"]))
+    check_extent(path, header, cfg, min_extent_fraction)
     try:
-        data, affine = apply_tracking_affine(run.preprocess, {"image": str(path)})
+        data, affine = apply_tracking_affine(preprocess, {"image": str(path)})
     except DataError:
         raise
     except Exception as err:  # MONAI wraps the transform's error; report its innermost message
@@ -446,10 +455,10 @@ def preprocess_file(item: InputFile, run: LoadedRun) -> Prepared:
     volume = torch.as_tensor(image.as_tensor() if isinstance(image, MetaTensor) else image, dtype=torch.float32)
     if volume.ndim < 3 or not torch.isfinite(volume).all():
         raise DataError(path, "preprocessing produced non-finite values or no volume")
-    if "spatial_size" in run.cfg and volume.ndim == 4 and list(volume.shape[1:]) != [int(s) for s in run.cfg["spatial_size"]]:
+    if "spatial_size" in cfg and volume.ndim == 4 and list(volume.shape[1:]) != [int(s) for s in cfg["spatial_size"]]:
         raise DataError(path, f"preprocessed shape {tuple(volume.shape[1:])} differs from the run's spatial_size "
-                              f"{tuple(run.cfg['spatial_size'])}")
-    return Prepared(item, volume.contiguous(), affine, header["subject"])
+                              f"{tuple(cfg['spatial_size'])}")
+    return volume.contiguous(), affine, header
 
 
 def apply_tracking_affine(preprocess, data: dict, key: str = "image") -> tuple[dict, np.ndarray | None]:

@@ -61,3 +61,12 @@ from petmonai.training.crossval import (  # noqa: F401
     training_loader,
     training_roles,
 )
+
+from petmonai.training.tracking import (  # noqa: F401
+    RunTracker,
+    attach_fold,
+    flatten_config,
+    result_metrics,
+    tracked_run,
+    tracking_enabled,
+)

@@ -36,6 +36,7 @@ from petmonai.runs import atomic_write_csv, atomic_write_json, get_logger
 from petmonai.data import LEAKY_PROTOCOLS, fold_ids, fold_members, load_folds, make_folds
 from petmonai.transforms import build_evaluation, build_pipelines
 from petmonai.runs import FOLD_PREDICTIONS, FOLD_RESULT, RESUME_CHECKPOINT, fold_dir_name
+from petmonai.training.tracking import attach_fold
 
 
 log = get_logger("cv")
@@ -184,6 +185,7 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
                   if ids["val"] else None)
     net = build_model(cfg["model"], cfg).to(device)
     trainer, evaluator = build_engines(net, train_loader, val_loader, out_dir, tcfg, device)
+    attach_fold(trainer, evaluator, repeat, fold)  # MLflow, with tracking.mlflow (petmonai.training.tracking)
     state = TrainingState(out_dir / RESUME_CHECKPOINT, trainer, evaluator, augment, train_loader.generator,
                           trainer.history)
     finished = state.restore()
