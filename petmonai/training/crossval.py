@@ -247,7 +247,8 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
 def fold_summary(info: dict, fold_dir: Path, seconds: float) -> str:
     """The console's one line about a finished fold: epochs, final training loss (its ``history.csv``),
     the kept epoch's validation AUC only where one was computed, the held-out scans and the time."""
-    parts = [f"repeat {info['repeat']} fold {info['fold']}: {info['epochs_run']} epochs"]
+    epochs = info["epochs_run"]
+    parts = [f"repeat {info['repeat']} fold {info['fold']}: {epochs} epoch{'' if epochs == 1 else 's'}"]
     history = fold_dir / "history.csv"
     if history.is_file():
         losses = pd.read_csv(history)["train_loss"].dropna()
