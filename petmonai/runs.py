@@ -202,8 +202,27 @@ def read_run_config(run_dir: str | Path) -> dict:
     return cfg
 
 
+# the console shows a run's course, train.log its details: the per-epoch lines of the training engines
+# (MONAI's StatsHandler: "Epoch[3] Metrics -- ...", "Key metric: ... best value ...") and any record
+# logged with ``extra=FILE_ONLY`` go to train.log only; warnings and errors go to both
+FILE_ONLY = {"console": False}
+DETAIL_LOGGERS = (f"{LOGGER_NAME}.engine",)
+
+
+class ConsoleFilter(logging.Filter):
+    """Passes a record to the console unless it is a detail (see :data:`FILE_ONLY`) below WARNING."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        if getattr(record, "console", True) is False:
+            return False
+        return not any(record.name == n or record.name.startswith(n + ".") for n in DETAIL_LOGGERS)
+
+
 def setup_logging(run_dir: str | Path | None = None, level: int = logging.INFO) -> logging.Logger:
-    """Console + ``<run_dir>/train.log`` logging for the ``petmonai`` logger tree."""
+    """Logging for the ``petmonai`` logger tree: a quiet console (stdout, :class:`ConsoleFilter`) and,
+    with ``run_dir``, everything in ``<run_dir>/train.log``."""
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(level)
     logger.propagate = False
@@ -213,6 +232,7 @@ def setup_logging(run_dir: str | Path | None = None, level: int = logging.INFO) 
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
+    console.addFilter(ConsoleFilter())
     logger.addHandler(console)
     if run_dir is not None:
         file_handler = logging.FileHandler(Path(run_dir) / "train.log")

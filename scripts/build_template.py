@@ -5,11 +5,13 @@
     python scripts/train3d.py --data-root ../shared/data/pet2023 --set template.image=templates/study.nii.gz
 
 The template is derived from patient scans: keep it with the data, never in a repository.
+
+The same as `petmonai build-template` (petmonai.commands); options: `python scripts/build_template.py --help`.
 """
 
 import sys
 
-from petmonai.commands import build_template_main
+from petmonai.commands import build_template_main as main
 
 if __name__ == "__main__":
-    sys.exit(build_template_main())
+    sys.exit(main())

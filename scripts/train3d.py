@@ -3,11 +3,13 @@
 
     python scripts/train3d.py                                   # demo on a synthetic cohort
     python scripts/train3d.py --data-root ../shared/data/pet2023 --output-dir runs/real
+
+The same as `petmonai train` (petmonai.commands); options: `python scripts/train3d.py --help`.
 """
 
 import sys
 
-from petmonai.commands import train3d_main
+from petmonai.commands import train3d_main as main
 
 if __name__ == "__main__":
-    sys.exit(train3d_main())
+    sys.exit(main())

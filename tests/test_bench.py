@@ -1,8 +1,6 @@
-"""The benchmark code paths (scripts/bench.py) run on CPU; the GPU section renders from its figures."""
+"""The benchmark code paths (petmonai bench) run on CPU; the GPU section renders from its figures."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import torch
 
@@ -10,15 +8,9 @@ from petmonai.studies import benchmark_precision, benchmark_training, dense_bf16
 from petmonai.config import load_config
 from petmonai.data import discover
 
+from petmonai.commands.bench import render, render_gpu
+
 CPU = torch.device("cpu")
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_bench_script():
-    spec = importlib.util.spec_from_file_location("bench_script", ROOT / "scripts" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_dense_bf16_peak_table():
@@ -36,11 +28,11 @@ def test_precision_benchmark_runs_on_cpu(fast_config, tmp_path):
     assert p["amp_speedup"] > 0 and p["fraction_of_bf16_matmul"] > 0
     assert p["amp_speedup_reference"] > 0 and p["amp_volumes_per_s_reference"] > 0
     assert p["fraction_of_dense_bf16_peak"] is None
-    text = load_bench_script().render_gpu({"precision": {**p, "gpu": "NVIDIA H100 80GB HBM3",
+    text = render_gpu({"precision": {**p, "gpu": "NVIDIA H100 80GB HBM3",
                                                          "fraction_of_dense_bf16_peak": 0.123,
                                                          "peak_gpu_memory_gb": {False: 3.0, True: 1.5}}})
     assert "12.3%" in text and "AMP 1.50 GB" in text and ">= 2x" in text and "at 20x24x20" in text
-    assert "No GPU" in load_bench_script().render_gpu({"precision": None})
+    assert "No GPU" in render_gpu({"precision": None})
 
 
 def test_training_benchmark_on_the_synthetic_cohort(tiny_cohort, fast_config, tmp_path):
@@ -49,5 +41,5 @@ def test_training_benchmark_on_the_synthetic_cohort(tiny_cohort, fast_config, tm
     assert 0 <= r["data_wait_fraction"] < 1
     assert math.isfinite(r["engine_overhead"]) and r["train_volumes_per_s"] > 0
     assert 0 < r["fraction_of_matmul"] and r["peak_rss_gb"] > 0 and r["precision"] is None
-    text = load_bench_script().render(r, "python scripts/bench.py")
+    text = render(r, "petmonai bench")
     assert "data wait fraction" in text and "No GPU in this run" in text

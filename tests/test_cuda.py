@@ -70,7 +70,7 @@ def test_training_and_prediction_on_cuda(tiny_cohort, fast_config, tmp_path):
     for device, amp in (("cuda", "auto"), ("cpu", "false")):
         result = predict(out, [tiny_cohort / "Test"], tmp_path / device / "submission.csv",
                          options={"device": device, "amp": amp})
-        results[device] = pd.read_csv(tmp_path / device / "probabilities.csv").set_index("uuid")
+        results[device] = pd.read_csv(result.paths["probabilities"]).set_index("uuid")
         assert result is not None
     gpu, cpu = results["cuda"], results["cpu"]
     assert list(gpu.index) == list(cpu.index) and len(gpu) == 3

@@ -522,12 +522,12 @@ def test_predict_bad_inputs_stop_or_are_skipped(skip_bad_run, source, tiny_cohor
     line = assert_one_error(code, err, *faults, "nothing written", "--skip-bad")
     for path, fault in faults.items():
         assert re.search(fault.problem, line), fault.name
-    assert not out.exists() and not (out.parent / "probabilities.csv").exists()
+    assert not out.exists() and not (out.parent / "submission.probabilities.csv").exists()
 
     code, stdout, err = run(script.main, [*args, "--skip-bad"], capsys)
     assert code == 0 and "Traceback" not in err, err
     submission = pd.read_csv(out)
-    skipped = pd.read_csv(out.parent / "skipped.csv")
+    skipped = pd.read_csv(out.parent / "submission.skipped.csv")
     assert len(submission) == n_good and len(submission) + len(skipped) == n_good + len(faults)
     problems = dict(zip(skipped["file"], skipped["problem"]))
     assert set(problems) == {str(p) for p in faults}

@@ -216,7 +216,8 @@ def test_submission_format(tiny_prediction):
     assert {label for _, label in rows} <= {"NC", "MCI"}
     assert text.endswith("\n") and "\r" not in text
 
-    probs = pd.read_csv(out.parent / "probabilities.csv")
+    probs = pd.read_csv(out.parent / "submission.probabilities.csv")  # side files named after --output
+    assert result.paths["probabilities"] == out.parent / "submission.probabilities.csv"
     assert list(probs.columns[:4]) == ["uuid", "file", "prob_mci", "label"]
     assert {"prob_sd", "n_views", "subject_in_training"} <= set(probs.columns)
     assert probs["uuid"].tolist() == uuids and probs["prob_mci"].between(0, 1).all()
@@ -230,13 +231,13 @@ def test_submission_format(tiny_prediction):
     expected = [test.loc[u, "subject"] in train_subjects for u in probs["uuid"]]
     assert probs["subject_in_training"].tolist() == expected and any(expected)
 
-    prov = json.loads((out.parent / "prediction_provenance.json").read_text())
+    prov = json.loads(result.paths["provenance"].read_text())
     assert len(prov["checkpoints"]) == 2
     for ckpt in prov["checkpoints"]:
         assert ckpt["sha256"] == sha256_file(ckpt["path"])
     assert prov["threshold"] == 0.5 and prov["predicted"] == 12 and prov["skipped"] == 0
     assert prov["views"]["n_windows"] == 8 and prov["views"]["n_flips"] == 2
-    assert not (out.parent / "skipped.csv").exists()
+    assert not result.paths["skipped"].exists()
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]  # no temporary files left
 
 
@@ -248,7 +249,7 @@ def test_label_mapping_as_trained(tiny_prediction):
     truth = pd.read_csv(cohort / "synthetic_truth.csv", dtype=str)
     truth = truth[truth["split"] == "Test"].assign(uuid=lambda t: t["uuid"].astype(int))
     merged = pd.read_csv(out).merge(truth[["uuid", "class_name"]], on="uuid")
-    probs = pd.read_csv(out.parent / "probabilities.csv").merge(truth[["uuid", "class_name"]], on="uuid")
+    probs = pd.read_csv(result.paths["probabilities"]).merge(truth[["uuid", "class_name"]], on="uuid")
     assert len(merged) == 12 and merged["class_name"].nunique() == 2
     accuracy = float((merged["label"] == merged["class_name"]).mean())
     auc = roc_auc_score(probs["class_name"] == "MCI", probs["prob_mci"])
@@ -348,12 +349,12 @@ def test_skip_bad_writes_the_rest(tiny, tmp_path):
     out = tmp_path / "out" / "submission.csv"
     result = predict(run_dir, [tmp_path / "in"], out, skip_bad=True, options={"threads": 1})
     submission = pd.read_csv(out)
-    skipped = pd.read_csv(out.parent / "skipped.csv")
+    skipped = pd.read_csv(result.paths["skipped"])
     assert submission["uuid"].tolist() == [1, 2, 3]
     assert sorted(skipped["uuid"]) == [21, 22, 23, 24]
     assert set(Path(f).name for f in skipped["file"]) == {p.name for p in bad.values()}
     assert len(submission) + len(skipped) == 7 == len(result.table) + len(result.skipped)
-    assert json.loads((out.parent / "prediction_provenance.json").read_text())["skipped"] == 4
+    assert json.loads(result.paths["provenance"].read_text())["skipped"] == 4
 
 
 def test_duplicate_and_non_numeric_and_empty_inputs(tiny, tmp_path):
@@ -412,8 +413,25 @@ def test_script_end_to_end(tiny, tmp_path, capsys):
     assert code == 0
     assert "2 input volume(s): 2 predicted, 0 skipped" in capsys.readouterr().out
     assert pd.read_csv(out)["uuid"].tolist() == [2, 10]
-    probs = pd.read_csv(tmp_path / "probabilities.csv")
+    probs = pd.read_csv(tmp_path / "sub.probabilities.csv")
     assert (probs["n_views"] == 1).all() and (probs["n_models"] == 1).all()
+
+    # a second prediction under another name into the same folder: its own side files, the first one's kept
+    other = tmp_path / "sub_b.csv"
+    code = script.main(["--run-dir", str(run_dir), "--input", str(cohort / "Test" / "3.nii.gz"), "--output", str(other),
+                        "--flips", "none", "--windows", "center", "--folds", "1", "--threads", "1"])
+    assert code == 0, capsys.readouterr().err
+    assert pd.read_csv(other)["uuid"].tolist() == [3] and pd.read_csv(out)["uuid"].tolist() == [2, 10]
+    assert pd.read_csv(tmp_path / "sub_b.probabilities.csv")["uuid"].tolist() == [3]
+    assert pd.read_csv(tmp_path / "sub.probabilities.csv")["uuid"].tolist() == [2, 10]
+    for name in ("sub", "sub_b"):
+        prov = json.loads((tmp_path / f"{name}.provenance.json").read_text())
+        assert prov["outputs"]["submission"] == str((tmp_path / f"{name}.csv").resolve())
+    # the same name again is refused (nothing replaced) unless --overwrite
+    code = script.main(["--run-dir", str(run_dir), "--input", str(cohort / "Test" / "3.nii.gz"), "--output", str(out),
+                        "--flips", "none", "--windows", "center", "--folds", "1", "--threads", "1"])
+    assert code == 2 and "output exists" in capsys.readouterr().err
+    assert pd.read_csv(out)["uuid"].tolist() == [2, 10]
 
 
 # ---------------------------------------------------------------------------------------------- real data

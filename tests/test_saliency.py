@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from petmonai.errors import PetmonaiError
-from petmonai.inference import collect_inputs, load_run, predict, preprocess_file
+from petmonai.inference import collect_inputs, load_run, output_paths, predict, preprocess_file
 from petmonai.inference import gradcam_maps, resample_to_input
 from test_inference import tiny_run_dir
 
@@ -35,7 +35,7 @@ def test_gradcam_nifti_has_the_input_grid(saliency_run):
     for path in files:
         uuid = path.name.split(".")[0]
         ref = nib.load(str(path))
-        cam = nib.load(str(out.parent / "saliency" / f"{uuid}_gradcam.nii.gz"))
+        cam = nib.load(str(result.paths["saliency"] / f"{uuid}_gradcam.nii.gz"))
         assert cam.shape == ref.shape  # (128, 128, Z, 1), as the input file
         np.testing.assert_allclose(cam.affine, ref.affine, atol=1e-5)
         assert cam.header.get_data_dtype() == np.dtype("<f4")
@@ -44,14 +44,14 @@ def test_gradcam_nifti_has_the_input_grid(saliency_run):
         # the map lies inside the head: nothing where the PET is background
         pet = np.asarray(ref.dataobj, dtype=np.float32)
         assert data[pet < 0.05 * pet.max()].max() == 0
-    prov = json.loads((out.parent / "prediction_provenance.json").read_text())
+    prov = json.loads(result.paths["provenance"].read_text())
     assert prov["saliency"]["files"] == 4 and prov["saliency"]["target_layer"] == "layer3"
 
 
 def test_montage_png(saliency_run):
-    _, out, files = saliency_run
+    result, out, files = saliency_run
     for path in files:
-        png = out.parent / "saliency" / f"{path.name.split('.')[0]}_gradcam.png"
+        png = result.paths["saliency"] / f"{path.name.split('.')[0]}_gradcam.png"
         data = png.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
         import matplotlib.image
@@ -91,9 +91,11 @@ def test_flipped_maps_and_unknown_layer(tiny):
 
 def test_saliency_outputs_need_overwrite(tiny, saliency_run):
     run_dir, _ = tiny
-    _, out, files = saliency_run
-    other = out.parent / "again.csv"
-    with pytest.raises(PetmonaiError, match="saliency"):
-        predict(run_dir, files[:1], other, saliency=True, options={"threads": 1})
-    assert not other.exists()
+    result, out, files = saliency_run
+    before = sorted(p.name for p in result.paths["saliency"].iterdir())
+    with pytest.raises(PetmonaiError, match=r"submission\.saliency"):
+        predict(run_dir, files[:1], out, saliency=True, options={"threads": 1})
     assert pd.read_csv(out)["uuid"].tolist() == [3, 4]
+    assert sorted(p.name for p in result.paths["saliency"].iterdir()) == before
+    # another prediction into the same folder gets a saliency folder of its own
+    assert output_paths(out.parent / "again.csv", saliency=True)["saliency"] == out.parent / "again.saliency"

@@ -1,17 +1,21 @@
-"""Commands: the ``petmonai`` command line and the workflows behind it."""
+"""Commands: the ``petmonai`` command line (:mod:`petmonai.commands.cli`) and the workflows behind it."""
 
 from petmonai.commands.workflows import (  # noqa: F401
     SYNTHETIC_BANNER,
-    audit_command,
-    cli_overrides,
+    anchor_folds,
+    audit,
+    build_template,
     discard_unstarted_run,
+    export_scans,
     finish_training,
     prepare_data,
     preprocessed_audit,
+    report,
     resolve_data_root,
-    resume_command,
+    resume_training,
     run_resources,
-    train_command,
+    show_pipeline,
+    train,
 )
 
 from petmonai.commands.export import (  # noqa: F401
@@ -25,13 +29,27 @@ from petmonai.commands.export import (  # noqa: F401
     nifti_bytes,
 )
 
+from petmonai.commands.registry import (  # noqa: F401
+    COMMANDS,
+    Command,
+    command,
+    user_errors,
+)
+
 from petmonai.commands.cli import (  # noqa: F401
-    add_training_options,
+    COMMAND_MODULES,
     anchor_main,
     audit_main,
+    bench_main,
+    bench_predict_main,
     build_template_main,
+    command_main,
     compare_main,
+    experiments_main,
     export_main,
+    main,
+    predict_main,
+    report_main,
+    show_pipeline_main,
     train3d_main,
-    user_errors,
 )

@@ -1,6 +1,8 @@
 """What the commands do, top to bottom: data, audit, folds, training, outputs.
 
-Scripts stay thin: they parse options (:mod:`petmonai.commands.cli`) and call these functions.
+The command line stays thin: each command parses its options (:mod:`petmonai.commands.cli`) and
+calls one of these functions with plain values (paths, lists of overrides, flags), as a script or
+a notebook can.
 
 Under ``torchrun`` the training commands run in every process (:func:`petmonai.training.distributed.run_parallel`);
 rank 0 alone touches the run folder and logs at INFO level, the other ranks log warnings only.
@@ -60,30 +62,21 @@ def prepare_data(cfg: dict, run_dir: Path, log) -> tuple[pd.DataFrame, bool]:
     return datalist, synthetic
 
 
-def cli_overrides(args) -> list[str]:
-    """Options that map onto config entries, as overrides applied after ``--set``."""
-    pairs = {
-        "data.root": args.data_root, "cv.protocol": args.cv, "cv.folds": args.folds, "cv.repeats": args.repeats,
-        "cv.folds_file": args.folds_file, "train.max_epochs": args.max_epochs, "train.device": args.device,
-        "seed": args.seed,
-    }
-    out = [f"{k}={v}" for k, v in pairs.items() if v is not None]
-    if args.skip_bad:
-        out.append("data.skip_bad=true")
-    if args.allow_leaky:
-        out.append("cv.allow_leaky=true")
-    return out
+def train(config=None, data_root: str | Path | None = None, overrides=(), output_dir: str | Path | None = None,
+          overwrite: bool = False, resume: str | Path | None = None, device: str | None = None, *,
+          default_config: str = "train3d.yaml", demo_config: str = "demo3d.yaml", prefix: str = "train3d") -> dict:
+    """Everything ``petmonai train`` does; returns the metrics.
 
-
-def train_command(args, default_config: str, demo_config: str, prefix: str) -> dict:
-    """Everything ``train3d.py`` does; returns the metrics."""
-
-    if getattr(args, "resume", None):
-        return resume_command(args)
-    config_path = args.config or default_config_path(demo_config if args.data_root is None else default_config)
-
-    cfg = load_config(config_path, [*args.overrides, *cli_overrides(args)])
-    return dist.run_parallel(cfg["train"]["device"], _train, cfg, config_path, args, prefix)
+    ``config``: a file or a shipped name (default: ``default_config``, ``demo_config`` without
+    ``data_root``); ``overrides``: ``KEY.PATH=VALUE`` entries, then ``data_root`` and ``device``
+    on top; ``resume``: a killed run folder to continue (its own config, data and folds: only
+    ``device`` applies)."""
+    if resume is not None:
+        return resume_training(resume, device)
+    config_path = config or default_config_path(demo_config if data_root is None else default_config)
+    named = {"data.root": data_root, "train.device": device}
+    cfg = load_config(config_path, [*overrides, *(f"{k}={v}" for k, v in named.items() if v is not None)])
+    return dist.run_parallel(cfg["train"]["device"], _train, cfg, config_path, output_dir, overwrite, prefix)
 
 
 def _rank_logging(run_dir: Path | None) -> logging.Logger:
@@ -93,11 +86,11 @@ def _rank_logging(run_dir: Path | None) -> logging.Logger:
     return setup_logging(None, level=logging.WARNING)
 
 
-def _train(cfg: dict, config_path, args, prefix: str) -> dict | None:
-    """:func:`train_command` after the config, in every process under torchrun."""
+def _train(cfg: dict, config_path, output_dir, overwrite: bool, prefix: str) -> dict | None:
+    """:func:`train` after the config, in every process under torchrun."""
     device = dist.local_device(resolve_device(cfg["train"]["device"]))
-    existed = args.output_dir is not None and Path(args.output_dir).exists()
-    run_dir = Path(dist.on_main(lambda: str(prepare_run_dir(args.output_dir, prefix=prefix, overwrite=args.overwrite))))
+    existed = output_dir is not None and Path(output_dir).exists()
+    run_dir = Path(dist.on_main(lambda: str(prepare_run_dir(output_dir, prefix=prefix, overwrite=overwrite))))
     log = _rank_logging(run_dir)
     log.info("run folder: %s (config %s, device %s)", run_dir, config_path, device)
 
@@ -156,23 +149,22 @@ def discard_unstarted_run(run_dir: Path, remove_folder: bool) -> bool:
     return True
 
 
-def resume_command(args) -> dict:
-    """Continue a killed run: same config, data (checked by fingerprint) and folds."""
-    device_name = args.device
+def resume_training(run_dir: str | Path, device: str | None = None) -> dict:
+    """Continue a killed run: same config, data (checked by fingerprint) and folds; ``device``
+    (default: the run's own) may differ."""
+    device_name = device
     if device_name is None:  # under torchrun the process group's backend follows the run's device
         try:
             from petmonai.config import read_yaml
 
-            device_name = read_yaml(Path(args.resume) / "config.yaml")["train"]["device"]
+            device_name = read_yaml(Path(run_dir) / "config.yaml")["train"]["device"]
         except Exception:  # a missing or bad config is reported below, by rank 0
             device_name = "auto"
-    return dist.run_parallel(device_name, _resume, args)
+    return dist.run_parallel(device_name, _resume, Path(run_dir), device)
 
 
-def _resume(args) -> dict | None:
-    import json
-
-    run_dir = Path(args.resume)
+def _resume(run_dir: Path, device_name: str | None) -> dict | None:
+    """:func:`resume_training` in every process under torchrun."""
 
     def read_config():
         for name in ("config.yaml", "provenance.json", "folds.csv"):
@@ -181,7 +173,7 @@ def _resume(args) -> dict | None:
         return read_run_config(run_dir)
 
     cfg = dist.on_main(read_config)  # rank 0 reads the run folder; every rank gets its config
-    device = dist.local_device(resolve_device(args.device or cfg["train"]["device"]))
+    device = dist.local_device(resolve_device(device_name or cfg["train"]["device"]))
     log = _rank_logging(run_dir)
     log.info("resuming %s on %s", run_dir, device)
 
@@ -286,21 +278,24 @@ def preprocessed_audit(config, datalist: pd.DataFrame, overrides=(), out_dir: Pa
         return {"config": str(config), **preprocessed_check(cache, train, Path(tmp), preprocess)}
 
 
-def audit_command(args) -> dict:
+def audit(data_root: str | Path, output_dir: str | Path | None = None, skip_bad: bool = False, config=None,
+          overrides=()) -> dict:
+    """Everything ``petmonai audit`` does: the header audit of ``data_root`` printed (and written to
+    ``output_dir``); with ``config``, the same question after its preprocessing."""
     log = setup_logging(None)
     skipped: list[dict] = []
-    datalist = discover(args.data_root, skip_bad=args.skip_bad, skipped=skipped)
+    datalist = discover(data_root, skip_bad=skip_bad, skipped=skipped)
     report = audit_datalist(datalist)
     if skipped:
         report["skipped_files"] = skipped
-    if getattr(args, "config", None) is not None:
-        report["after_preprocessing"] = preprocessed_audit(args.config, datalist, args.overrides, args.output_dir)
+    if config is not None:
+        report["after_preprocessing"] = preprocessed_audit(config, datalist, overrides, output_dir)
     print(audit_text(report))
     for item in skipped:
         print(f"skipped: {item['image']}: {item['problem']}")
     after = report.get("after_preprocessing")
     if after:
-        print(f"After preprocessing with {args.config}: class separability (AUC, 0.5 = none) of the volumes' "
+        print(f"After preprocessing with {config}: class separability (AUC, 0.5 = none) of the volumes' "
               "properties: " + ", ".join(f"{k} {v:.2f}" for k, v in after["auc"].items()))
         for warning in after["warnings"]:
             print(f"WARNING: {warning}")
@@ -309,9 +304,88 @@ def audit_command(args) -> dict:
         if after.get("registration"):
             corr = after["registration"]["template_correlation"]
             print(f"Registration to the template: correlation {min(corr.values()):.2f}-{max(corr.values()):.2f} "
-                  f"over {len(corr)} scans" + (f"; montage {Path(args.output_dir) / 'registration.png'}"
-                                              if args.output_dir is not None else " (--output-dir writes a montage)"))
-    if args.output_dir is not None:
-        paths = write_audit(report, args.output_dir)
+                  f"over {len(corr)} scans" + (f"; montage {Path(output_dir) / 'registration.png'}"
+                                              if output_dir is not None else " (--output-dir writes a montage)"))
+    if output_dir is not None:
+        paths = write_audit(report, output_dir)
         log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return report
+
+
+def report(run_dir: str | Path, reference: bool = False, data_root: str | Path | None = None,
+           reference_overrides=(), reference_name: str = "reference", recompute: bool = False,
+           n_boot: int | None = None, figures: bool = True) -> Path:
+    """Everything ``petmonai report`` does: (with ``reference``, fit the PCA + LR reference on the
+    run's folds first, into ``run_dir/reference_name``) then rebuild ``report.md`` and its figures."""
+    from petmonai.evaluation import add_reference, build_report
+
+    setup_logging(None)
+    if reference:
+        add_reference(run_dir, data_root, list(reference_overrides), reference_name)
+    return build_report(run_dir, recompute=recompute or n_boot is not None, n_boot=n_boot, figures=figures)
+
+
+def export_scans(data_root: str | Path, output_dir: str | Path, config=None, overrides=(), skip_bad: bool = False):
+    """Everything ``petmonai export-preprocessed`` does (:func:`petmonai.commands.export.export_preprocessed`)."""
+    from petmonai.commands.export import export_preprocessed
+
+    setup_logging(None)
+    cfg = load_config(config or default_config_path(), [*overrides, f"data.root={data_root}"])
+    return export_preprocessed(cfg, output_dir, skip_bad=skip_bad)
+
+
+def build_template(inputs, output: str | Path, config=None, overrides=(), iterations: int = 1,
+                   skip_bad: bool = False, overwrite: bool = False):
+    """Everything ``petmonai build-template`` does: the mean of ``inputs`` registered as ``config``
+    registers them, written to ``output`` (and ``output.json``); prints one line about it."""
+    from petmonai.transforms import build_study_template, template_inputs, write_study_template
+
+    setup_logging(None)
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise PetmonaiError(f"{output} exists; use --overwrite to replace it")
+    cfg = load_config(config or default_config_path(), list(overrides))
+    if cfg["template"].get("image"):
+        raise PetmonaiError(f"the config registers to template.image={cfg['template']['image']}; build a study "
+                            "template from the MNI template (template.image: null)")
+    files = template_inputs(inputs)
+    template = build_study_template(files, cfg, skip_bad=skip_bad, iterations=iterations)
+    write_study_template(template, output, cfg, iterations)
+    match = template.match()
+    print(f"{output}: mean of {len(template.used)} registered scans ({len(template.skipped)} skipped); "
+          f"their correlation with it: median {match['median']:.2f}, min {match['min']:.2f}")
+    return template
+
+
+def anchor_folds(run_dir: str | Path, reference=None, output: str | Path | None = None) -> dict:
+    """Everything ``petmonai anchor-folds`` does: the pooled out-of-fold AUC of ``run_dir`` with each fold
+    model's scores anchored on the unlabeled ``reference`` scans (None: each fold's own training scans);
+    the AUCs printed, and written to ``output`` (JSON, with a CSV of the scores beside it)."""
+    from petmonai.studies import anchored_auc, anchored_out_of_fold
+
+    setup_logging(None)
+    table = anchored_out_of_fold(run_dir, reference)
+    described = "each fold's training scans" if reference is None else [str(r) for r in reference]
+    result = {"run_dir": str(run_dir), "reference": described, "auc": anchored_auc(table)}
+    if output is not None:
+        atomic_write_csv(Path(output).with_suffix(".csv"), table)
+        atomic_write_json(output, result)
+    print(json.dumps(result["auc"], indent=1))
+    return result
+
+
+def show_pipeline(image: str | Path, output: str | Path, config=None, overrides=(), overwrite: bool = False):
+    """Everything ``petmonai show-pipeline`` does: ``config``'s preprocessing (the transforms training
+    builds) run step by step on ``image``; the figure written to ``output``, the table printed."""
+    from petmonai.transforms import build_pipelines, pipeline_table, plot_pipeline, preview_pipeline
+
+    setup_logging(None)
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise PetmonaiError(f"{output} exists; use --overwrite to replace it")
+    config_path = config or default_config_path()
+    steps = preview_pipeline(build_pipelines(load_config(config_path, list(overrides)))[0], image)
+    plot_pipeline(steps, output, title=f"{Path(image).name}: preprocess of {config_path}")
+    print(pipeline_table(steps))
+    print(f"total {sum(s.seconds for s in steps):.2f}s; figure: {output}")
+    return steps

@@ -4,7 +4,8 @@
       -> the run's own preprocessing (its saved ``config.yaml``)
       -> views (3D: sliding windows of the training crop x test-time flips)
       -> every fold model of the run -> softmax P(MCI) averaged over views and models
-      -> the run's decision threshold -> ``submission.csv``, ``probabilities.csv``, provenance
+      -> the run's decision threshold -> ``submission.csv``, ``submission.probabilities.csv``, provenance
+         (side files named after the submission: :func:`output_paths`)
 
 >>> from petmonai.inference.predictor import predict
 >>> result = predict("runs/real", ["../shared/data/pet2023/Test"], "out/submission.csv")  # doctest: +SKIP
@@ -54,16 +55,18 @@ MCI_INDEX = CLASS_NAMES.index("MCI")
 SUBMISSION = "submission.csv"
 
 
-PROBABILITIES = "probabilities.csv"
+# the side files of a prediction are named after its --output (out/sub.csv -> out/sub.probabilities.csv ...),
+# so that several predictions can share a folder: these suffixes replace the submission's own
+PROBABILITIES = ".probabilities.csv"
 
 
-PROVENANCE = "prediction_provenance.json"
+PROVENANCE = ".provenance.json"
 
 
-SKIPPED = "skipped.csv"
+SKIPPED = ".skipped.csv"
 
 
-SALIENCY_DIR = "saliency"
+SALIENCY_DIR = ".saliency"
 
 
 PROBABILITY_COLUMNS = ["uuid", "file", "prob_mci", "label", "prob_sd", "prob_sd_folds", "n_views", "n_models",
@@ -610,7 +613,7 @@ def label_of(prob: float, threshold: float) -> str:
 
 @dataclass
 class PredictionResult:
-    table: pd.DataFrame           # probabilities.csv rows
+    table: pd.DataFrame           # <output>.probabilities.csv rows
     submission: pd.DataFrame      # uuid,label
     skipped: pd.DataFrame         # uuid,file,problem
     paths: dict
@@ -620,14 +623,20 @@ class PredictionResult:
 
 
 def output_paths(output: str | Path, saliency: bool) -> dict:
+    """The files of a prediction: the submission ``output`` and its side files named after it, e.g.
+    ``out/sub.csv``: ``out/sub.probabilities.csv``, ``out/sub.provenance.json``, ``out/sub.skipped.csv``
+    (only when volumes were skipped) and ``out/sub.saliency/`` (with ``saliency``).
+
+    >>> sorted(p.name for p in output_paths("out/sub_a.csv", saliency=False).values())
+    ['sub_a.csv', 'sub_a.probabilities.csv', 'sub_a.provenance.json', 'sub_a.skipped.csv']
+    """
     output = Path(output)
     if output.is_dir():
         raise PetmonaiError(f"--output {output}: is a folder; give the submission file, e.g. {output / SUBMISSION}")
-    folder = output.parent
-    paths = {"submission": output, "probabilities": folder / PROBABILITIES, "provenance": folder / PROVENANCE,
-             "skipped": folder / SKIPPED}
-    if saliency:
-        paths["saliency"] = folder / SALIENCY_DIR
+    stem = output.with_suffix("").name
+    side = {"probabilities": PROBABILITIES, "provenance": PROVENANCE, "skipped": SKIPPED,
+            **({"saliency": SALIENCY_DIR} if saliency else {})}
+    paths = {"submission": output, **{k: output.parent / f"{stem}{suffix}" for k, suffix in side.items()}}
     if len({p.resolve() for p in paths.values()}) < len(paths):
         raise PetmonaiError(f"--output {output}: collides with another output file name; choose another name")
     return paths
@@ -641,10 +650,10 @@ def check_outputs(paths: dict, overwrite: bool) -> None:
 
 def predict(run_dir: str | Path, inputs: Sequence[str | Path], output: str | Path, *, overwrite: bool = False,
             skip_bad: bool = False, saliency: bool = False, options: dict | None = None) -> PredictionResult:
-    """Everything ``scripts/predict.py`` does. Returns the tables written and their paths.
+    """Everything ``petmonai predict`` does. Returns the tables written and their paths.
 
     Nothing is written unless every input can be used (or ``skip_bad``); each file is written
-    atomically, ``submission.csv`` after ``probabilities.csv``.
+    atomically, the submission after its ``.probabilities.csv``; :func:`output_paths` names them.
     """
     t0 = time.perf_counter()
     files = collect_inputs(inputs)

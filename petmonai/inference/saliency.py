@@ -1,7 +1,7 @@
 """Grad-CAM saliency of the fold ensemble, mapped back onto each input volume.
 
 >>> from petmonai.inference.predictor import predict
->>> predict("runs/real", ["Test/"], "out/submission.csv", saliency=True)   # out/saliency/<uuid>_gradcam.*  # doctest: +SKIP
+>>> predict("runs/real", ["Test/"], "out/submission.csv", saliency=True)   # out/submission.saliency/<uuid>_gradcam.*  # doctest: +SKIP
 
 Per volume and per fold model, MONAI :class:`monai.visualize.GradCAM` maps the evidence for one
 class (``inference.saliency_class``: the predicted label by default, or always MCI or NC) on the

@@ -32,7 +32,7 @@ from petmonai.models import load_weights
 from petmonai.training.engine import TrainingState, build_engines, configure_backends, cuda_auto_switch, memory_format, predict_probabilities
 from petmonai.evaluation import evaluate_cv, scored_predictions
 from petmonai.models import build_model, count_parameters, model_label, spatial_dims
-from petmonai.runs import atomic_write_csv, atomic_write_json, get_logger
+from petmonai.runs import FILE_ONLY, atomic_write_csv, atomic_write_json, get_logger
 from petmonai.data import LEAKY_PROTOCOLS, fold_ids, fold_members, load_folds, make_folds
 from petmonai.transforms import build_evaluation, build_pipelines
 from petmonai.runs import FOLD_PREDICTIONS, FOLD_RESULT, RESUME_CHECKPOINT, fold_dir_name
@@ -195,7 +195,7 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
         trace.attach(trainer, evaluator)
     log.info("repeat %d fold %d: %d train / %d val / %d test scans%s", repeat, fold, len(ids["train"]),
              len(ids["val"]), len(ids["test"]),
-             f", resumed after epoch {trainer.state.epoch}" if trainer.state.epoch else "")
+             f", resumed after epoch {trainer.state.epoch}" if trainer.state.epoch else "", extra=FILE_ONLY)
     t0 = time.perf_counter()
     if not finished:
         trainer.run()
@@ -244,6 +244,26 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
         if not bool(tcfg.get("keep_resume_checkpoint", False)):  # ~0.4 GB a fold; a finished fold needs none
             (out_dir / RESUME_CHECKPOINT).unlink(missing_ok=True)
     return {**info, "predictions": predictions}
+
+
+def fold_summary(info: dict, fold_dir: Path, seconds: float) -> str:
+    """The console's one line about a finished fold: epochs, final training loss (its ``history.csv``),
+    the kept epoch's validation AUC only where one was computed, the held-out scans and the time."""
+    epochs = info["epochs_run"]
+    parts = [f"repeat {info['repeat']} fold {info['fold']}: {epochs} epoch{'' if epochs == 1 else 's'}"]
+    history = fold_dir / "history.csv"
+    if history.is_file():
+        losses = pd.read_csv(history)["train_loss"].dropna()
+        if len(losses):
+            parts.append(f"final train loss {losses.iloc[-1]:.3f}")
+    if info["best_epoch"] != info["epochs_run"]:
+        parts.append(f"kept epoch {info['best_epoch']}")
+    if np.isfinite(info.get("best_val_auc", float("nan"))):
+        parts.append(f"val AUC {info['best_val_auc']:.3f}")
+    preds = info.get("predictions")
+    if preds is not None:
+        parts.append(f"{int((preds['role'] == 'test').sum())} test scans")
+    return ", ".join(parts) + f" ({seconds:.0f}s)"
 
 
 def summarise(predictions: pd.DataFrame, datalist: pd.DataFrame, protocol: str, threshold,
@@ -336,6 +356,7 @@ def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path,
 
     fold_info, predictions = [], []
     for repeat, fold in fold_ids(folds):
+        t0 = time.perf_counter()
         info = train_fold(cfg, cache, augment, folds, repeat, fold, run_dir, device)
         # the fold's engines, handlers and network reference each other: free their ~0.5 GB (model,
         # optimiser, gradients) now rather than whenever Python's cycle collector happens to run
@@ -343,8 +364,7 @@ def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path,
         info.update(repeat=repeat, fold=fold)
         predictions.append(info["predictions"])
         fold_info.append(info)
-        log.info("repeat %d fold %d: kept epoch %d of %d, val AUC %.3f", repeat, fold, info["best_epoch"],
-                 info["epochs_run"], info["best_val_auc"])
+        log.info(fold_summary(info, run_dir / fold_dir_name(repeat, fold), time.perf_counter() - t0))
     if not dist.is_main():  # rank 0 summarises and writes the results
         return {"metrics": None, "folds": folds, "predictions": None, "reference": None}
 

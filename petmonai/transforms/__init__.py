@@ -86,3 +86,12 @@ from petmonai.transforms.pipeline import (  # noqa: F401
     build_evaluation,
     build_pipelines,
 )
+
+from petmonai.transforms.preview import (  # noqa: F401
+    PipelineStep,
+    describe_step,
+    mid_slices,
+    pipeline_table,
+    plot_pipeline,
+    preview_pipeline,
+)

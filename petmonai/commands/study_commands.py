@@ -1,0 +1,123 @@
+"""Studies and benchmarks: ``petmonai compare``, ``experiments``, ``bench``, ``bench-predict``."""
+
+from __future__ import annotations
+import time
+from pathlib import Path
+from petmonai.commands import options
+from petmonai.commands.registry import command
+
+
+def compare_options(parser) -> None:
+    from petmonai.studies import DEFAULT_MODELS, PROTOCOLS, QUICK_EPOCHS
+
+    options.add_data_root(parser, help="real data (default: the synthetic demo cohort)")
+    parser.add_argument("--cv", nargs="+", choices=PROTOCOLS, default=["subject"],
+                        help="protocol(s), e.g. subject site-pair")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help="comma-separated subset of 3d, 2d, 2d-baseline, reference (default: %(default)s)")
+    parser.add_argument("--folds", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--max-epochs", type=int, default=None,
+                        help="epoch budget of every CNN (default: each config's own, 30 for 3d and 2d)")
+    options.add_device(parser)
+    options.add_seed(parser)
+    options.add_set(parser, help="config override applied to every model")
+    options.add_output_dir(parser, help="default: runs/compare-<time>")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK_EPOCHS} epochs and smaller inputs: the whole comparison in minutes")
+    parser.add_argument("--config-3d", type=Path, default=None, help="3D config (default configs/train3d.yaml)")
+    parser.add_argument("--config-2d", type=Path, default=None, help="2D config (default configs/train2d.yaml)")
+
+
+@command("compare", "Compare the 2D 50-slice ResNet-18 with the 3D CNN (and the reference) on identical folds.",
+         compare_options,
+         description="Train the 2D 50-slice ResNet-18, the default 3D CNN and the PCA + LR reference on identical "
+                     "folds with the same epoch budget; write comparison.md, comparison.png, comparison.json.")
+def compare_command(args) -> None:
+    from petmonai.runs import setup_logging
+    from petmonai.studies import QUICK_EPOCHS, compare
+
+    setup_logging(None)
+    out = args.output_dir or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    max_epochs = args.max_epochs if args.max_epochs is not None else (QUICK_EPOCHS if args.quick else None)
+    study = {"folds": args.folds, "repeats": args.repeats, "device": args.device, "seed": args.seed,
+             "max_epochs": max_epochs, "overrides": args.overrides, "quick": args.quick,
+             "configs": {k: v for k, v in (("3d", args.config_3d), ("2d", args.config_2d)) if v is not None}}
+    compare(args.data_root, out, protocols=args.cv, models=args.models.split(","), options=study)
+    print((out / "comparison.md").read_text())
+
+
+def experiments_options(parser) -> None:
+    from petmonai.studies import PROTOCOL_ORDER
+
+    options.add_data_root(parser, help="real data (default: the synthetic demo cohort)")
+    parser.add_argument("--configs", nargs="+", type=Path, required=True,
+                        help="configs to compare (files or shipped names, e.g. train3d experiments/mask)")
+    parser.add_argument("--cv", nargs="+", default=list(PROTOCOL_ORDER), choices=PROTOCOL_ORDER)
+    options.add_output_dir(parser, required=True, help="one run folder per protocol and config, and experiments.md")
+    parser.add_argument("--max-epochs", type=int, default=None)
+    options.add_seed(parser)
+    options.add_device(parser)
+    options.add_set(parser, help="config override applied to every configuration")
+
+
+@command("experiments", "Cross-validate several preprocessing configurations under site-pair and subject CV.",
+         experiments_options)
+def experiments_command(args) -> None:
+    from petmonai.runs import setup_logging
+    from petmonai.studies import run_experiments
+
+    setup_logging(None)
+    run_experiments(args.configs, args.data_root, args.output_dir, args.cv,
+                    {"max_epochs": args.max_epochs, "seed": args.seed, "device": args.device,
+                     "overrides": args.overrides})
+    print((args.output_dir / "experiments.md").read_text())
+
+
+def bench_options(parser) -> None:
+    options.add_data_root(parser, help="real data (default: the synthetic cohort)")
+    options.add_config(parser)
+    options.add_device(parser, default="auto")
+    parser.add_argument("--epochs", type=int, default=3)
+    options.add_output(parser, default=Path("docs/benchmarks.md"),
+                       help="Markdown report, with a JSON of the figures beside it (default: docs/benchmarks.md)")
+
+
+@command("bench", "Measure training speed and memory; write docs/benchmarks.md.", bench_options)
+def bench_command(args) -> None:
+    from petmonai.commands.bench import bench
+
+    print(bench(args.config, args.data_root, args.device, args.epochs, args.output, args.overrides, args.invocation))
+
+
+def bench_predict_options(parser) -> None:
+    parser.add_argument("--run-dir", type=Path, default=None, help="a finished (5-fold) training run (required)")
+    parser.add_argument("--inputs", type=Path, default=None, help="folder of volumes to predict (default: synthetic)")
+    parser.add_argument("--volumes", type=int, default=100, help="synthetic volumes for the full run")
+    parser.add_argument("--factor-volumes", type=int, default=6, help="volumes for the factor costs")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--full", default="center:all,whole:all,grid:lr,grid:all",
+                        help="full-run configurations WINDOWS:FLIPS, comma-separated ('' to skip)")
+    parser.add_argument("--skip-factors", action="store_true")
+    parser.add_argument("--skip-oof", action="store_true")
+    options.add_output(parser, default=Path("docs/benchmarks_inference.md"),
+                       help="Markdown report, with a JSON of the figures beside it "
+                            "(default: docs/benchmarks_inference.md)")
+    parser.add_argument("--note", default=None, help="a paragraph of interpretation to add after the AUC table")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="measure nothing: render the Markdown again from a JSON this command wrote (with --note)")
+
+
+@command("bench-predict", "Benchmark the TTA ensemble of petmonai predict and check that test-time augmentation "
+         "pays.", bench_predict_options)
+def bench_predict_command(args) -> None:
+    from petmonai.commands.bench_predict import bench_predict, rerender
+    from petmonai.errors import PetmonaiError
+
+    if args.from_json is not None:
+        return rerender(args.from_json, args.output, args.note)
+    if args.run_dir is None:
+        raise PetmonaiError("bench-predict: --run-dir is required (a finished training run)")
+    bench_predict(args.run_dir, inputs=args.inputs, volumes=args.volumes, factor_volumes=args.factor_volumes,
+                  threads=args.threads, full=args.full, factors=not args.skip_factors, oof=not args.skip_oof,
+                  output=args.output, note=args.note, command=args.invocation)
