@@ -6,7 +6,7 @@
 
 import sys
 
-from petmonai.commands.bundle import export_bundle_main
+from petmonai.commands import export_bundle_main as main
 
 if __name__ == "__main__":
-    sys.exit(export_bundle_main())
+    sys.exit(main())

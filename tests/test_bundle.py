@@ -122,7 +122,7 @@ def test_monai_tools_verify_and_export_the_bundle(bundle, tmp_path):
 
 
 def test_bad_exports_fail_clearly_and_leave_nothing(bundle, tiny, tmp_path, monkeypatch):
-    from petmonai.commands.bundle import export_bundle_main
+    from petmonai.commands import export_bundle_main
     import petmonai.inference.bundle_export as bundle_export
 
     run_dir, _ = tiny

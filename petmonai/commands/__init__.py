@@ -46,6 +46,7 @@ from petmonai.commands.cli import (  # noqa: F401
     command_main,
     compare_main,
     experiments_main,
+    export_bundle_main,
     export_main,
     main,
     predict_main,

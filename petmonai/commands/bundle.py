@@ -6,38 +6,35 @@
 """
 
 from __future__ import annotations
-import argparse
 from pathlib import Path
+
+from petmonai.commands import options
+from petmonai.commands.registry import command
 from petmonai.errors import PetmonaiError
-from petmonai.commands.cli import user_errors
 
 
-def parse_export_bundle_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="petmonai export-bundle",
-        description="Write a finished training run as a MONAI bundle (configs/inference.json, configs/metadata.json, "
-                    "models/model.pt, docs/README.md model card, LICENSE) that `python -m monai.bundle run` "
-                    "runs: the run's preprocessing, its fold ensemble and test-time views, as predict.py.")
+def export_bundle_options(p) -> None:
     p.add_argument("--run-dir", type=Path, required=True, help="finished training run folder")
-    p.add_argument("--output", type=Path, required=True, help="the bundle folder to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    options.add_output(p, required=True, help="the bundle folder to write", overwrite="replace an existing bundle folder")
     p.add_argument("--version", default=None, help="the bundle's version (default 0.1.0)")
     p.add_argument("--authors", default=None, help="authors named in metadata.json and LICENSE")
     p.add_argument("--copyright", default=None, help="copyright line of metadata.json and LICENSE")
     p.add_argument("--license", type=Path, default=None, metavar="FILE",
                    help="a LICENSE text of your own (default: the training data's terms apply, no warranty)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="inference.KEY=VALUE",
-                   help="test-time views other than the run config's, e.g. --set inference.flips=all (repeatable)")
-    return p.parse_args(argv)
+    options.add_set(p, metavar="inference.KEY=VALUE",
+                    help="test-time views other than the run config's, e.g. --set inference.flips=all (repeatable)")
 
 
-@user_errors
-def export_bundle_main(argv=None) -> int:
+@command("export-bundle", "Write a finished run as a MONAI bundle that `python -m monai.bundle run` runs.",
+         export_bundle_options,
+         description="Write a finished training run as a MONAI bundle (configs/inference.json, configs/metadata.json, "
+                     "models/model.pt, docs/README.md model card, LICENSE) that `python -m monai.bundle run` "
+                     "runs: the run's preprocessing, its fold ensemble and test-time views, as petmonai predict.")
+def export_bundle_command(args) -> None:
     from petmonai.inference import export_bundle, parse_set_overrides
     from petmonai.inference.bundle_export import BUNDLE_VERSION
     from petmonai.runs import setup_logging
 
-    args = parse_export_bundle_args(argv)
     setup_logging(None)
     license_text = None
     if args.license is not None:
@@ -50,4 +47,3 @@ def export_bundle_main(argv=None) -> int:
                         authors=args.authors, copyright=args.copyright, license_text=license_text)
     print(f"bundle written: {out}\nrun it: python -m monai.bundle run --config_file {out}/configs/inference.json "
           f"--bundle_root {out} --dataset_dir FOLDER --output_dir OUT")
-    return 0

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "petmonai.commands.run_commands",
     "petmonai.commands.data_commands",
     "petmonai.commands.study_commands",
+    "petmonai.commands.bundle",
 )
 
 
@@ -78,6 +79,7 @@ export_main = command_main("export-preprocessed", "export_preprocessed.py")
 build_template_main = command_main("build-template", "build_template.py")
 anchor_main = command_main("anchor-folds", "anchor_folds.py")
 compare_main = command_main("compare", "compare_2d_3d.py")
+export_bundle_main = command_main("export-bundle", "export_bundle.py")
 predict_main = command_main("predict", "predict.py")
 report_main = command_main("report", "report.py")
 experiments_main = command_main("experiments", "experiments.py")
