@@ -26,10 +26,10 @@ def test_sfcn_is_small_and_takes_the_template_grid_and_a_crop():
 
 
 def test_saliency_layer_follows_the_model():
-    assert resolve_options({"model": {"name": "sfcn_3d"}})["saliency_layer"] == "features.block4"
-    assert resolve_options({"model": {"name": "resnet18_3d"}})["saliency_layer"] == "layer3"
-    assert resolve_options({"model": {"name": "sfcn_3d"}}, {"saliency_layer": "features.block3"})[
-        "saliency_layer"] == "features.block3"
+    cfg = load_config()
+    assert resolve_options(cfg)["saliency_layer"] == "features.block4"
+    assert resolve_options(load_config(overrides=["model.name=resnet18_3d"]))["saliency_layer"] == "layer3"
+    assert resolve_options(cfg, {"saliency_layer": "features.block3"})["saliency_layer"] == "features.block3"
     net = build_model({"name": "sfcn_3d"})
     assert "features.block4" in dict(net.named_modules())
 
@@ -41,8 +41,9 @@ def _engines(tmp_path, validate: bool = True, **options):
     net = build_model({"name": "sfcn_3d", "channels": [4, 8], "dropout": 0.0})
     g = torch.Generator().manual_seed(0)
     data = [{"image": torch.randn(1, 8, 8, 8, generator=g), "label": i % 2} for i in range(8)]
-    cfg = {"max_epochs": 4, "lr": 1e-2, "weight_decay": 0.0, "early_stop_patience": 1, "progress_bar": False,
-           **options}
+    options = {"max_epochs": 4, "lr": 1e-2, "weight_decay": 0.0, "early_stop_patience": 1, "progress_bar": False,
+               **options}
+    cfg = load_config(overrides=[f"train.{key}={value}" for key, value in options.items()])["train"]
     trainer, _ = build_engines(net, DataLoader(data, batch_size=4, shuffle=True),
                                DataLoader(data[:6], batch_size=3) if validate else None,
                                tmp_path, cfg, torch.device("cpu"), progress_bar=False)

@@ -236,7 +236,7 @@ def finish_training(cfg, datalist, run_dir, device, synthetic, log, resume: bool
                  result["reference"]["metrics"]["headline"]["text"])
     if synthetic:
         log.warning("(synthetic data: these numbers show the pipeline works, nothing about patients)")
-    if (cfg.get("report") or {}).get("write", True):
+    if cfg["report"]["write"]:
         from petmonai.evaluation import build_report
 
         try:
