@@ -164,7 +164,7 @@ def _yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
-def default_config_path(name: str = "train3d.yaml") -> Path:
+def default_config_path(name: str = BASE_CONFIG) -> Path:
     return SHIPPED_CONFIGS / name
 
 
@@ -288,7 +288,7 @@ def stage_order(stages: dict, key: str) -> list[str]:
         if not ready:
             name = pending[0]
             how, anchor = placed[name]
-            problem = ("stages placed next to each other in a circle" if anchor in stages
+            problem = ("its _after_/_before_ references go round in a circle" if anchor in stages
                        else f"no stage '{anchor}' in {key}{_suggest(anchor, list(stages))}")
             raise ConfigError(f"config key '{key}.{name}.{how}': {problem}")
         for name in ready:

@@ -328,3 +328,22 @@ def test_the_documented_transform_example_builds_and_trains(tmp_path, monkeypatc
     assert (run / "oof_predictions.csv").is_file()
     assert load_config(run / "config.yaml")["preprocess"]["clip"]["_target_"] == "my_scanner.ClipHotVoxelsd"
     sys.modules.pop("my_scanner", None)
+
+
+def test_every_yaml_example_of_docs_extending_loads_and_builds(tmp_path, monkeypatch):
+    from petmonai.models import build_model
+
+    (tmp_path / "my_scanner.py").write_text(_doc_block("# my_scanner.py"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = (REPO / "docs" / "extending.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 4
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"example{i}.yaml"
+        path.write_text(block)
+        cfg = load_config(path)
+        assert cfg != default_config()
+        build_pipelines(cfg)
+        if "_target_" in cfg["model"]:
+            assert build_model(cfg["model"], cfg).eval()(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 2)
+    sys.modules.pop("my_scanner", None)
