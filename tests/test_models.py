@@ -86,3 +86,37 @@ def test_unknown_keep_or_scheduler_fails_when_the_config_loads():
     for override in ("train.keep=final", "train.scheduler=onecylce", "cv.test_views=windows"):
         with pytest.raises(ConfigError, match=override.split("=")[0]):
             load_config(overrides=[override])
+
+
+def test_model_facts_live_in_the_registry_and_a_network_of_your_own_gets_defaults():
+    from petmonai.inference import default_views
+    from petmonai.models import MODEL_FACTS, model_facts, register, saliency_layer
+
+    assert {name: (f.saliency_layer, f.views) for name, f in MODEL_FACTS.items()} == {
+        "sfcn_3d": ("features.block4", "sliding_window_3d"), "resnet18_3d": ("layer3", "sliding_window_3d"),
+        "resnet18_2d": ("layer3", "random_slices_2d")}
+    own = load_config(overrides=["model={_target_: monai.networks.nets.DenseNet121, spatial_dims: 3, "
+                                 "in_channels: 1, out_channels: 2}"])
+    assert model_facts(own["model"]).saliency_layer is None
+    assert default_views(own) == "sliding_window_3d" and resolve_options(own)["views"] == "sliding_window_3d"
+    net = build_model(own["model"], own)
+    layer = saliency_layer(own["model"], net)
+    assert layer == "features.denseblock4.denselayer16.layers.conv2"  # its last 3x3x3 convolution
+    assert dict(net.named_modules())[layer].kernel_size == (3, 3, 3)
+    flat = load_config(overrides=["model={_target_: my_net.Net}", "crop_size=[120, 120]"])
+    with pytest.raises(ConfigError, match="inference.views"):
+        default_views(flat)
+    with pytest.raises(ConfigError, match="inference.saliency_layer"):
+        saliency_layer({"_target_": "my_net.Net"}, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)))
+
+    @register("tiny_test_net", saliency_layer="0", views="random_slices_2d")
+    def tiny_test_net(**kwargs):
+        return torch.nn.Sequential(torch.nn.Conv2d(50, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+    try:
+        mine = load_config("train2d", ["model={name: tiny_test_net}"])
+        assert default_views(mine) == "random_slices_2d" and resolve_options(mine)["saliency_layer"] == "0"
+    finally:
+        from petmonai.models import MODELS
+
+        MODELS.pop("tiny_test_net"), MODEL_FACTS.pop("tiny_test_net")

@@ -65,20 +65,23 @@ def model_facts(model_cfg: dict) -> ModelFacts:
 
 
 def saliency_layer(model_cfg: dict, net: torch.nn.Module) -> str:
-    """The Grad-CAM target layer of ``net``: its model's registered one, else its last convolution.
+    """The Grad-CAM target layer of ``net``: its model's registered one, else its last convolution
+    with a spatial kernel (1x1 convolutions, such as a ResNet's shortcut, mix channels only).
 
-    >>> saliency_layer({"_target_": "mine"}, torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.Conv3d(4, 4, 3)))
+    >>> net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.Conv3d(4, 4, 3), torch.nn.Conv3d(4, 8, 1))
+    >>> saliency_layer({"_target_": "my_net.Net"}, net)
     '1'
     """
     registered = model_facts(model_cfg).saliency_layer
     if registered is not None:
         return registered
-    convolutions = [name for name, module in net.named_modules()
+    convolutions = [(name, module) for name, module in net.named_modules()
                     if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))]
+    spatial = [name for name, module in convolutions if any(k > 1 for k in module.kernel_size)]
     if not convolutions:
         raise ConfigError("inference.saliency_layer: the network has no convolution for Grad-CAM to target; set "
                           "it to one of its modules (e.g. --set inference.saliency_layer=NAME)")
-    return convolutions[-1]
+    return (spatial or [name for name, _ in convolutions])[-1]
 
 
 # layer4 of the ResNet is 2x2x2 voxels for a 48x56x48 volume, too coarse to localise
