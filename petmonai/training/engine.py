@@ -3,8 +3,11 @@
 >>> trainer, evaluator = build_engines(net, train_loader, val_loader, fold_dir, train_cfg, device)  # doctest: +SKIP
 >>> trainer.run()  # doctest: +SKIP
 
-Mixed precision runs on CUDA only (bf16 where the GPU supports it, else fp16 with a gradient
-scaler); on CPU the same code runs in plain fp32. The other speed switches of ``train:``
+The optimiser, learning-rate schedule and loss are the config's ``_target_`` entries
+``train.optimizer``, ``train.scheduler`` and ``train.loss`` (:func:`build_optimizer`,
+:func:`build_scheduler`, :func:`training_loss`). Mixed precision runs on CUDA only (bf16 where
+the GPU supports it, else fp16 with a gradient scaler); on CPU the same code runs in plain fp32.
+The other speed switches of ``train:``
 (``channels_last``, ``cudnn_benchmark``, ``compile``) are read here too; every one of them also
 runs on CPU. Under torchrun (:mod:`petmonai.training.distributed`) the trainer's network is wrapped in
 ``DistributedDataParallel`` and only rank 0 writes files.
@@ -179,7 +182,7 @@ def train_entry(train_cfg: dict, name: str, runtime: dict | None = None, partial
 def _call_entry(factory, name: str, *args, **kwargs):
     try:
         return factory(*args, **kwargs)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, RuntimeError) as err:
         raise ConfigError(f"config key 'train.{name}': cannot build it ({type(err).__name__}: {err})") from None
 
 
