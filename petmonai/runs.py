@@ -168,7 +168,7 @@ def keep_template_copy(cfg: dict, run_dir: str | Path) -> Path | None:
     """A config that registers to a template file of its own (``template.image``): copy the file
     into the run folder and point ``cfg`` at the copy, so predict, resume and report use the
     template the models were trained with, wherever the run folder moves. Returns the copy."""
-    source = (cfg.get("template") or {}).get("image")
+    source = cfg["template"]["image"]
     if not source:
         return None
     source = Path(source).expanduser()
@@ -194,7 +194,7 @@ def read_run_config(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise PetmonaiError(f"{run_dir}: no config.yaml; is this a training run folder?")
     cfg = load_config(path)
-    if (cfg.get("template") or {}).get("image"):
+    if cfg["template"]["image"]:
         for suffix in (".nii.gz", ".nii"):
             copy = run_dir / f"{RUN_TEMPLATE_STEM}{suffix}"
             if copy.is_file():

@@ -10,13 +10,14 @@ import pytest
 import torch
 from monai.data import DataLoader
 
-from petmonai.config import load_config
+from petmonai.config import default_config, load_config
 from petmonai.data import VolumeCache
 from petmonai.training import amp_settings, build_engines, channels_last, configure_backends, memory_format, prepare_batch
 from petmonai.errors import PetmonaiError
 from petmonai.transforms import build_pipelines
 
 CPU = torch.device("cpu")
+TRAIN = default_config()["train"]  # the resolved train section: the code has no defaults of its own
 
 
 def tiny_net() -> torch.nn.Module:
@@ -36,8 +37,8 @@ def train_tiny(tmp_path, epochs: int = 2, **switches):
     torch.manual_seed(0)
     net = tiny_net()
     data = tiny_data()
-    cfg = {"max_epochs": epochs, "lr": 1e-2, "weight_decay": 0.0, "early_stop_patience": 10, "progress_bar": False,
-           **switches}
+    cfg = {**TRAIN, "max_epochs": epochs, "lr": 1e-2, "weight_decay": 0.0, "early_stop_patience": 10,
+           "progress_bar": False, **switches}
     trainer, evaluator = build_engines(net, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4),
                                        tmp_path, cfg, CPU, progress_bar=False)
     trainer.run()
@@ -64,7 +65,7 @@ def test_amp_settings_on_cuda_pick_bf16_else_fp16(monkeypatch):
 
 
 def test_channels_last_switch_runs_on_cpu(tmp_path):
-    assert channels_last(CPU, {}) is False and channels_last(torch.device("cuda"), {}) is True  # auto
+    assert channels_last(CPU, TRAIN) is False and channels_last(torch.device("cuda"), TRAIN) is True  # auto
     assert channels_last(CPU, {"channels_last": True}) is True
     with pytest.raises(PetmonaiError, match="channels_last"):
         channels_last(CPU, {"channels_last": "sometimes"})
@@ -90,11 +91,11 @@ def test_cudnn_benchmark_only_on_cuda():
     before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
     try:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
-        configure_backends(CPU, {"cudnn_benchmark": True})
+        configure_backends(CPU, {**TRAIN, "cudnn_benchmark": True})
         assert torch.backends.cudnn.benchmark is False
-        configure_backends(torch.device("cuda"), {"cudnn_benchmark": False})
+        configure_backends(torch.device("cuda"), {**TRAIN, "cudnn_benchmark": False})
         assert torch.backends.cudnn.benchmark is False
-        configure_backends(torch.device("cuda"), {"cudnn_benchmark": True})
+        configure_backends(torch.device("cuda"), {**TRAIN, "cudnn_benchmark": True})
         assert torch.backends.cudnn.benchmark is True and torch.backends.cudnn.deterministic is False
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before
@@ -162,16 +163,16 @@ def test_cpu_allocator_option():
     from petmonai.errors import ConfigError
 
     assert tune_cpu_allocator() is True  # glibc (CI and this machine): both thresholds accepted
-    configure_backends(CPU, {"cpu_allocator": "default"})
+    configure_backends(CPU, {**TRAIN, "cpu_allocator": "default"})
     with pytest.raises(ConfigError, match="cpu_allocator"):
-        configure_backends(CPU, {"cpu_allocator": "fast"})
+        configure_backends(CPU, {**TRAIN, "cpu_allocator": "fast"})
 
 
 def test_prefetch_thread_switch():
     from petmonai.training import prefetch_thread
     from petmonai.errors import PetmonaiError
 
-    assert prefetch_thread({}, CPU) is False and prefetch_thread({}, torch.device("cuda")) is True
+    assert prefetch_thread(TRAIN, CPU) is False and prefetch_thread(TRAIN, torch.device("cuda")) is True  # auto
     assert prefetch_thread({"prefetch_thread": True}, CPU) is True
     with pytest.raises(PetmonaiError, match="prefetch_thread"):
         prefetch_thread({"prefetch_thread": "sometimes"}, CPU)

@@ -26,10 +26,10 @@ def test_sfcn_is_small_and_takes_the_template_grid_and_a_crop():
 
 
 def test_saliency_layer_follows_the_model():
-    assert resolve_options({"model": {"name": "sfcn_3d"}})["saliency_layer"] == "features.block4"
-    assert resolve_options({"model": {"name": "resnet18_3d"}})["saliency_layer"] == "layer3"
-    assert resolve_options({"model": {"name": "sfcn_3d"}}, {"saliency_layer": "features.block3"})[
-        "saliency_layer"] == "features.block3"
+    cfg = load_config()
+    assert resolve_options(cfg)["saliency_layer"] == "features.block4"
+    assert resolve_options(load_config(overrides=["model.name=resnet18_3d"]))["saliency_layer"] == "layer3"
+    assert resolve_options(cfg, {"saliency_layer": "features.block3"})["saliency_layer"] == "features.block3"
     net = build_model({"name": "sfcn_3d"})
     assert "features.block4" in dict(net.named_modules())
 
@@ -41,8 +41,9 @@ def _engines(tmp_path, validate: bool = True, **options):
     net = build_model({"name": "sfcn_3d", "channels": [4, 8], "dropout": 0.0})
     g = torch.Generator().manual_seed(0)
     data = [{"image": torch.randn(1, 8, 8, 8, generator=g), "label": i % 2} for i in range(8)]
-    cfg = {"max_epochs": 4, "lr": 1e-2, "weight_decay": 0.0, "early_stop_patience": 1, "progress_bar": False,
-           **options}
+    options = {"max_epochs": 4, "lr": 1e-2, "weight_decay": 0.0, "early_stop_patience": 1, "progress_bar": False,
+               **options}
+    cfg = load_config(overrides=[f"train.{key}={value}" for key, value in options.items()])["train"]
     trainer, _ = build_engines(net, DataLoader(data, batch_size=4, shuffle=True),
                                DataLoader(data[:6], batch_size=3) if validate else None,
                                tmp_path, cfg, torch.device("cpu"), progress_bar=False)
@@ -85,3 +86,37 @@ def test_unknown_keep_or_scheduler_fails_when_the_config_loads():
     for override in ("train.keep=final", "train.scheduler=onecylce", "cv.test_views=windows"):
         with pytest.raises(ConfigError, match=override.split("=")[0]):
             load_config(overrides=[override])
+
+
+def test_model_facts_live_in_the_registry_and_a_network_of_your_own_gets_defaults():
+    from petmonai.inference import default_views
+    from petmonai.models import MODEL_FACTS, model_facts, register, saliency_layer
+
+    assert {name: (f.saliency_layer, f.views) for name, f in MODEL_FACTS.items()} == {
+        "sfcn_3d": ("features.block4", "sliding_window_3d"), "resnet18_3d": ("layer3", "sliding_window_3d"),
+        "resnet18_2d": ("layer3", "random_slices_2d")}
+    own = load_config(overrides=["model={_target_: monai.networks.nets.DenseNet121, spatial_dims: 3, "
+                                 "in_channels: 1, out_channels: 2}"])
+    assert model_facts(own["model"]).saliency_layer is None
+    assert default_views(own) == "sliding_window_3d" and resolve_options(own)["views"] == "sliding_window_3d"
+    net = build_model(own["model"], own)
+    layer = saliency_layer(own["model"], net)
+    assert layer == "features.denseblock4.denselayer16.layers.conv2"  # its last 3x3x3 convolution
+    assert dict(net.named_modules())[layer].kernel_size == (3, 3, 3)
+    flat = load_config(overrides=["model={_target_: my_net.Net}", "crop_size=[120, 120]"])
+    with pytest.raises(ConfigError, match="inference.views"):
+        default_views(flat)
+    with pytest.raises(ConfigError, match="inference.saliency_layer"):
+        saliency_layer({"_target_": "my_net.Net"}, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)))
+
+    @register("tiny_test_net", saliency_layer="0", views="random_slices_2d")
+    def tiny_test_net(**kwargs):
+        return torch.nn.Sequential(torch.nn.Conv2d(50, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+    try:
+        mine = load_config("train2d", ["model={name: tiny_test_net}"])
+        assert default_views(mine) == "random_slices_2d" and resolve_options(mine)["saliency_layer"] == "0"
+    finally:
+        from petmonai.models import MODELS
+
+        MODELS.pop("tiny_test_net"), MODEL_FACTS.pop("tiny_test_net")

@@ -95,7 +95,7 @@ def test_settings_and_model():
     with pytest.raises(ConfigError):
         reference_settings({"reference": {"preprocessing": "magic"}})
     with pytest.raises(ConfigError):
-        reference_settings({"reference": {"n_components": 0}})
+        reference_settings(load_config(overrides=["reference.n_components=0"]))
     model = build_reference_model(reference_settings(None), n_samples=8)
     assert model.named_steps["pca"].n_components == 7  # capped below the number of training scans
 

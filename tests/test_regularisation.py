@@ -6,8 +6,11 @@ import pytest
 import torch
 from monai.data import DataLoader
 
+from petmonai.config import default_config
 from petmonai.training import MixUpBatch, build_engines, training_loss
 from petmonai.errors import ConfigError
+
+TRAIN = default_config()["train"]
 
 
 def test_mixup_blends_each_scan_with_a_partner():
@@ -27,10 +30,10 @@ def test_mixup_blends_each_scan_with_a_partner():
 
 
 def test_label_smoothing_option():
-    assert training_loss({}).label_smoothing == 0.0
-    assert training_loss({"label_smoothing": 0.1}).label_smoothing == pytest.approx(0.1)
+    assert training_loss(TRAIN).label_smoothing == 0.0
+    assert training_loss({**TRAIN, "label_smoothing": 0.1}).label_smoothing == pytest.approx(0.1)
     with pytest.raises(ConfigError, match="label_smoothing"):
-        training_loss({"label_smoothing": 1.5})
+        training_loss({**TRAIN, "label_smoothing": 1.5})
 
 
 def _train(tmp_path, **switches):
@@ -39,7 +42,7 @@ def _train(tmp_path, **switches):
                               torch.nn.Flatten(), torch.nn.Linear(4, 2))
     g = torch.Generator().manual_seed(0)
     data = [{"image": torch.randn(1, 8, 8, 8, generator=g) + (i % 2), "label": i % 2} for i in range(8)]
-    cfg = {"max_epochs": 2, "lr": 1e-2, "weight_decay": 0.0, "keep": "last", "progress_bar": False, **switches}
+    cfg = {**TRAIN, "max_epochs": 2, "lr": 1e-2, "weight_decay": 0.0, "keep": "last", "progress_bar": False, **switches}
     trainer, _ = build_engines(net, DataLoader(data, batch_size=4), None, tmp_path, cfg, torch.device("cpu"),
                                progress_bar=False)
     trainer.run()

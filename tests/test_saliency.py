@@ -45,7 +45,8 @@ def test_gradcam_nifti_has_the_input_grid(saliency_run):
         pet = np.asarray(ref.dataobj, dtype=np.float32)
         assert data[pet < 0.05 * pet.max()].max() == 0
     prov = json.loads(result.paths["provenance"].read_text())
-    assert prov["saliency"]["files"] == 4 and prov["saliency"]["target_layer"] == "layer3"
+    # the run's network is a `_target_` entry of its own: Grad-CAM targets its last spatial convolution
+    assert prov["saliency"]["files"] == 4 and prov["saliency"]["target_layer"] == "layer4.0.conv2"
 
 
 def test_montage_png(saliency_run):

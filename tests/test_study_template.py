@@ -173,6 +173,11 @@ def test_runs_keep_their_template_and_predict_with_it(tiny_cohort, tmp_path, fas
 def test_a_template_the_preprocessing_would_ignore_is_an_error(tmp_path):
     t = mni_fdg_template(4.0)
     path = save(tmp_path / "own.nii.gz", brighter_cerebellum(), t.affine)
-    cfg = load_config("experiments/register_suvr.yaml", [f"template.image={path}"])
+    # an experiment config inherits the default's registration stage, which passes the template on
+    preprocess, _ = build_pipelines(load_config("experiments/register_suvr.yaml", [f"template.image={path}"]))
+    assert any(getattr(getattr(t, "register", None), "template_image", None) is not None for t in preprocess.transforms)
+    # a registration stage of its own that leaves it out would ignore it: an error
+    cfg = load_config("experiments/register_suvr.yaml", [
+        f"template.image={path}", "preprocess.resample={_target_: petmonai.transforms.RegisterToTemplated, keys: image}"])
     with pytest.raises(ConfigError, match="template.image is set .*`template_image"):
         build_pipelines(cfg)

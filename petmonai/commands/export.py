@@ -68,9 +68,9 @@ def exported_config(cfg: dict, out_dir: Path) -> dict:
     """``cfg`` with ``preprocess`` replaced by plain loading of the exported volumes."""
     new = {**cfg, "preprocess": LOAD_PREPROCESSED, "data": {**cfg["data"], "root": str(out_dir / EXPORTED_DATALIST)}}
     # the reference's raw-volume resampling would see exported volumes, not raw ones: a different model
-    new["report"] = {**cfg.get("report", {}), "reference_model": False}
+    new["report"] = {**cfg["report"], "reference_model": False}
     # the exported volumes are already on the template grid: nothing registers them again
-    new["template"] = {**cfg.get("template", {}), "image": None}
+    new["template"] = {**cfg["template"], "image": None}
     return new
 
 

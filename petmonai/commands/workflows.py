@@ -244,7 +244,7 @@ def _cross_validate_and_report(cfg, datalist, run_dir, device, synthetic, log, r
                  result["reference"]["metrics"]["headline"]["text"])
     if synthetic:
         log.warning("(synthetic data: these numbers show the pipeline works, nothing about patients)")
-    if (cfg.get("report") or {}).get("write", True):
+    if cfg["report"]["write"]:
         from petmonai.evaluation import build_report
 
         try:

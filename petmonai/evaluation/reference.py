@@ -46,18 +46,6 @@ from petmonai.runs import atomic_write_csv, atomic_write_json, get_logger
 log = get_logger("reference")
 
 
-REFERENCE_DEFAULTS: dict = {
-    "preprocessing": "resample",   # resample | package
-    "spacing": [4.0, 4.0, 4.0],    # mm, for 'resample'
-    "grid": [84, 84, 40],          # voxels after centre pad/crop, for 'resample'
-    "standardize": True,           # z-score every voxel over the training scans before PCA
-    "n_components": 20,            # PCA components (an int), or a variance fraction in (0, 1)
-    "C": 1.0,                      # inverse L2 strength of the logistic regression
-    "features": "voxels",          # voxels | regions: mean uptake in template grey-matter parcels
-    "regions": 64,                 # parcels for 'regions' (left/right pairs; needs a registered config)
-}
-
-
 PREPROCESSING = ("resample", "package")
 
 
@@ -68,12 +56,15 @@ MODEL_NAME = "PCA + logistic regression (reference)"
 
 
 def reference_settings(cfg: dict | None = None, **overrides) -> dict:
-    """The ``reference`` section of the config over :data:`REFERENCE_DEFAULTS`, checked."""
-    settings = {**REFERENCE_DEFAULTS, **((cfg or {}).get("reference") or {}), **overrides}
-    unknown = set(settings) - set(REFERENCE_DEFAULTS)
+    """The config's ``reference`` section (``None``: the base config's, ``configs/train3d.yaml``, where
+    each setting is explained) with ``overrides``, checked."""
+    from petmonai.config import SCHEMA, default_config
+
+    settings = {**(cfg if cfg is not None else default_config())["reference"], **overrides}
+    unknown = set(settings) - set(SCHEMA["reference"])
     if unknown:
         raise ConfigError(f"unknown config key(s) reference.{', reference.'.join(sorted(unknown))} "
-                          f"(known: {', '.join(REFERENCE_DEFAULTS)})")
+                          f"(known: {', '.join(SCHEMA['reference'])})")
     if settings["preprocessing"] not in PREPROCESSING:
         raise ConfigError(f"config key 'reference.preprocessing': {settings['preprocessing']!r} "
                           f"(choose from {', '.join(PREPROCESSING)})")
@@ -93,7 +84,7 @@ def reference_settings(cfg: dict | None = None, **overrides) -> dict:
     return settings
 
 
-def resample_transforms(spacing=(4.0, 4.0, 4.0), grid=(84, 84, 40)):
+def resample_transforms(spacing, grid):
     """MONAI pipeline of the plain resample: load, RAS, ``spacing`` mm, centre pad/crop to ``grid``."""
     import torch
     from monai.transforms import (Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, Orientationd,
@@ -125,8 +116,8 @@ def reference_features(cfg: dict, datalist: pd.DataFrame, settings: dict | None 
         preprocess = resample_transforms(settings["spacing"], settings["grid"])
     items = [{"image": r.image, "label": int(r.label), "scan_id": r.scan_id} for r in datalist.itertuples()]
     t0 = time.perf_counter()
-    cache = VolumeCache(items, preprocess, num_workers=int(cfg.get("data", {}).get("cache_workers", 2)),
-                        skip_bad=bool(cfg.get("data", {}).get("skip_bad", False)))
+    cache = VolumeCache(items, preprocess, num_workers=int(cfg["data"]["cache_workers"]),
+                        skip_bad=bool(cfg["data"]["skip_bad"]))
     ids = cache.scan_ids
     X = np.stack([np.asarray(cache[s]["image"], dtype=np.float32).ravel() for s in ids])
     if settings["features"] == "regions":
@@ -199,12 +190,12 @@ def run_reference_cv(cfg: dict, datalist: pd.DataFrame, folds: pd.DataFrame, out
     from petmonai.data import LEAKY_PROTOCOLS, fold_ids, fold_members
 
     settings = settings or reference_settings(cfg)
-    protocol = protocol or str(folds.attrs.get("protocol", cfg.get("cv", {}).get("protocol", "subject")))
+    protocol = protocol or str(folds.attrs.get("protocol", cfg["cv"]["protocol"]))
     labelled = datalist[datalist["scan_id"].isin(folds["scan_id"])]
     if features is None:
         features = reference_features(cfg, labelled, settings)
     label_of = labelled.set_index("scan_id")["label"].astype(int)
-    threshold = cfg.get("train", {}).get("threshold", 0.5)
+    threshold = cfg["train"]["threshold"]
     tuned = parse_threshold(threshold) == "tuned"
     t_all = time.perf_counter()
     rows, fold_info = [], []
@@ -231,9 +222,8 @@ def run_reference_cv(cfg: dict, datalist: pd.DataFrame, folds: pd.DataFrame, out
                               "n_fit": len(fit_ids), "pca_components": int(pca.n_components_),
                               "pca_variance_explained": float(pca.explained_variance_ratio_.sum())})
     preds = pd.concat(rows, ignore_index=True)
-    rcfg = cfg.get("report") or {}
     metrics = evaluate_cv(preds, labelled, protocol, threshold, fold_info,
-                          n_boot=int(rcfg.get("bootstrap", 2000)), seed=int(cfg.get("seed", 0)),
+                          n_boot=int(cfg["report"]["bootstrap"]), seed=int(cfg["seed"]),
                           leaky_protocols=LEAKY_PROTOCOLS)
     metrics["model"] = MODEL_NAME
     metrics["reference_settings"] = settings

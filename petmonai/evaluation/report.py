@@ -689,11 +689,8 @@ def add_reference(run_dir: str | Path, data_root: str | Path | None = None, over
         if not (run_dir / needed).is_file():
             raise PetmonaiError(f"{run_dir}: no {needed}; the reference model needs the run's config and folds")
     from petmonai.config import apply_override
-    from petmonai.evaluation.reference import REFERENCE_DEFAULTS
 
-    cfg = read_run_config(run_dir)
-    # a run saved before a reference option existed still takes it (its default is what it ran with)
-    cfg["reference"] = {**REFERENCE_DEFAULTS, **(cfg.get("reference") or {})}
+    cfg = read_run_config(run_dir)  # over the base config: a run saved before a reference option existed takes its default
     for assignment in overrides or []:
         apply_override(cfg, assignment)
     if data_root is not None:

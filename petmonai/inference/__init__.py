@@ -5,6 +5,7 @@ from petmonai.inference.views import (  # noqa: F401
     RandomSlices2D,
     SlidingWindowFlips3D,
     ViewStrategy,
+    default_views,
     flips_form_group,
     parse_flips,
     register_views,

@@ -42,8 +42,9 @@ from monai.data import MetaTensor
 from petmonai import CLASS_NAMES
 from petmonai.data import is_nifti, nifti_stem, read_header
 from petmonai.errors import ConfigError, DataError, PetmonaiError
+from petmonai.models import model_facts
 from petmonai.runs import atomic_write_csv, atomic_write_json, atomic_write_text, get_logger, read_run_config
-from petmonai.inference.views import DEFAULT_VIEWS_BY_MODEL, VIEW_STRATEGIES, SlidingWindowFlips3D, ViewStrategy
+from petmonai.inference.views import VIEW_STRATEGIES, SlidingWindowFlips3D, ViewStrategy, default_views
 
 
 log = get_logger("predict")
@@ -86,27 +87,16 @@ COMMON_DEFAULTS: dict = {
     "optimize": "auto",       # auto: on CPU in fp32, TorchScript-freeze each model for oneDNN (~2x faster,
                               # checked against the plain model, which is used if anything differs); none
     "min_extent_fraction": 0.5,  # a volume must span this fraction of the crop's extent (mm) on each axis
-    "saliency_layer": "auto",    # Grad-CAM target layer (a module name of the network); auto: by model
-                                 # (SALIENCY_LAYER_BY_MODEL), else layer3
+    "saliency_layer": "auto",    # Grad-CAM target layer (a module name of the network); auto: the one the
+                                 # model registered (petmonai.models.registry), else its last convolution
     "saliency_class": "predicted",  # predicted | MCI | NC: the class whose evidence Grad-CAM maps
 }
 
 
-SALIENCY_LAYER_BY_MODEL: dict[str, str] = {
-    "resnet18_3d": "layer3",        # layer4 is 2x2x2 voxels for a 48x56x48 volume, too coarse to localise
-    "resnet18_2d": "layer3",
-    "sfcn_3d": "features.block4",   # 4x5x4 voxels on the default 32x40x32 grid (6x7x6 at 4 mm); block5 is coarser
-}
-
-
-"""``saliency_layer: auto`` picks the Grad-CAM target layer registered for the run's model name."""
-
-
 def strategy_name(cfg: dict, options: dict) -> str:
-    name = options.get("views", "auto")
+    name = options["views"]
     if name in (None, "auto"):
-        model = cfg.get("model", {})
-        name = DEFAULT_VIEWS_BY_MODEL.get(str(model.get("name", "")), "sliding_window_3d")
+        name = default_views(cfg)
     if name not in VIEW_STRATEGIES:
         raise ConfigError(f"inference.views: unknown view strategy '{name}' (known: {', '.join(sorted(VIEW_STRATEGIES))})")
     return name
@@ -114,7 +104,7 @@ def strategy_name(cfg: dict, options: dict) -> str:
 
 def resolve_options(cfg: dict, overrides: dict | None = None) -> dict:
     """Inference options: defaults <- the run config's ``inference:`` section <- ``overrides``."""
-    from_cfg = dict(cfg.get("inference") or {})
+    from_cfg = dict(cfg["inference"])
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     merged = {**COMMON_DEFAULTS, **from_cfg, **overrides}
     name = strategy_name(cfg, merged)
@@ -127,8 +117,8 @@ def resolve_options(cfg: dict, overrides: dict | None = None) -> dict:
                 raise ConfigError(f"unknown {source} key 'inference.{key}' for views '{name}'{hint}")
     options = {**defaults, **from_cfg, **overrides}
     options["views"] = name
-    if options["saliency_layer"] in (None, "auto"):
-        options["saliency_layer"] = SALIENCY_LAYER_BY_MODEL.get(str(cfg.get("model", {}).get("name", "")), "layer3")
+    if options["saliency_layer"] in (None, "auto"):  # the model's own; still auto for a network of your own
+        options["saliency_layer"] = model_facts(cfg["model"]).saliency_layer or "auto"
     if int(options["batch_size"]) < 1:
         raise ConfigError("inference.batch_size must be at least 1")
     if str(options["saliency_class"]) not in ("MCI", "NC", "predicted"):
@@ -743,7 +733,7 @@ def prediction_provenance(run: LoadedRun, files, table, skipped, paths, submissi
     from petmonai.data import fingerprint
     from petmonai.runs import provenance
 
-    prov = provenance(int(run.cfg.get("seed", 0)), fingerprint([f.path for f in files]), {
+    prov = provenance(int(run.cfg["seed"]), fingerprint([f.path for f in files]), {
         "run_dir": str(run.run_dir),
         "run_git_commit": run.run_provenance.get("git_commit"),
         "run_data_fingerprint_sha256": run.run_provenance.get("data_fingerprint_sha256"),

@@ -7,10 +7,11 @@ Per volume and per fold model, MONAI :class:`monai.visualize.GradCAM` maps the e
 class (``inference.saliency_class``: the predicted label by default, or always MCI or NC) on the
 whole preprocessed volume, as the run's evaluator saw it, and on its test-time flips (each map
 flipped back). Each map is scaled to a maximum of 1 and the maps are averaged over flips and
-models. The target layer (``inference.saliency_layer``) is chosen by model
-(``inference.SALIENCY_LAYER_BY_MODEL``): ``layer3`` of the MONAI ResNet (its ``layer4`` has only
+models. The target layer (``inference.saliency_layer``, ``auto``) is the one the model registered
+(:mod:`petmonai.models.registry`): ``layer3`` of the MONAI ResNet (its ``layer4`` has only
 2x2x2 voxels for the 48x56x48 training volume, which gives a nearly uniform map) and
-``features.block4`` of the small SFCN (4x5x4 voxels on the default 6 mm grid).
+``features.block4`` of the small SFCN (4x5x4 voxels on the default 6 mm grid); a network of your
+own gets its last convolution (:func:`petmonai.models.saliency_layer`).
 
 The mean map lives on the preprocessed grid (4 mm, cropped to the brain); it is resampled
 (trilinear) onto the voxel grid of the input file through the affines of both grids, so
@@ -33,6 +34,7 @@ import torch
 from scipy.ndimage import map_coordinates
 from petmonai import CLASS_NAMES
 from petmonai.errors import PetmonaiError
+from petmonai.models import saliency_layer
 from petmonai.runs import atomic_write_bytes, get_logger
 
 
@@ -170,6 +172,8 @@ def write_saliency(run, prepared, table: pd.DataFrame, out_dir: str | Path, over
     if run.strategy.name != "sliding_window_3d":
         raise PetmonaiError(f"--saliency: Grad-CAM maps are implemented for 3D volume models, not views "
                             f"'{run.strategy.name}'")
+    if run.options["saliency_layer"] in (None, "auto"):  # a network of your own: its last convolution
+        run.options["saliency_layer"] = saliency_layer(run.cfg["model"], run.models[0].net)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     by_uuid = table.set_index("uuid")

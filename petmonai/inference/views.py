@@ -31,23 +31,39 @@ VIEW_STRATEGIES: dict[str, type] = {}
 """Name -> view strategy class. A strategy turns one preprocessed volume into network inputs."""
 
 
-DEFAULT_VIEWS_BY_MODEL: dict[str, str] = {"resnet18_3d": "sliding_window_3d"}
-
-
-"""``views: auto`` picks the strategy registered for the run's model name; 3D otherwise."""
-
-
-def register_views(name: str, *model_names: str):
-    """Class decorator: register a view strategy (and make it the default for ``model_names``)."""
+def register_views(name: str):
+    """Class decorator: register a view strategy under ``name`` (``inference.views: name``). A model
+    makes it its default where the model registers (``register("my_model", views=name)``,
+    :mod:`petmonai.models.registry`)."""
 
     def wrap(cls):
         cls.name = name
         VIEW_STRATEGIES[name] = cls
-        for model in model_names:
-            DEFAULT_VIEWS_BY_MODEL[model] = name
         return cls
 
     return wrap
+
+
+def default_views(cfg: dict) -> str:
+    """``views: auto``: the view strategy the run's model registered; for a model that registered
+    none (a ``_target_`` network of your own) sliding windows of the training crop when the crop is
+    3D, else an error that names ``inference.views``.
+
+    >>> default_views({"model": {"name": "resnet18_2d"}, "crop_size": [120, 120]})
+    'random_slices_2d'
+    >>> default_views({"model": {"_target_": "my_net.Net"}, "crop_size": [28, 36, 28]})
+    'sliding_window_3d'
+    """
+    from petmonai.models import model_facts, model_label
+
+    registered = model_facts(cfg["model"]).views
+    if registered is not None:
+        return registered
+    if len(cfg["crop_size"]) == 3:
+        return "sliding_window_3d"
+    raise ConfigError(f"inference.views: model {model_label(cfg['model'])} has no default test-time views and its "
+                      f"crop_size {cfg['crop_size']} is not 3D; set inference.views (known: "
+                      f"{', '.join(sorted(VIEW_STRATEGIES))})")
 
 
 class ViewStrategy:
@@ -60,7 +76,7 @@ class ViewStrategy:
     strategies give the same views every time. A new strategy plugs in like this (the 2D slice
     model's :class:`RandomSlices2D` is a complete example)::
 
-        @register_views("my_views", "my_model")                  # default views of that model
+        @register_views("my_views")          # inference.views: my_views; a model's default: register(..., views="my_views")
         class MyViews(ViewStrategy):
             defaults = {"passes": 4}
             def views(self, volume, rng):                        # -> (passes, C, ...)
@@ -186,7 +202,7 @@ def window_starts(size: int, roi: int, overlap: float = 0.5, mode: str = "grid")
     return starts
 
 
-@register_views("sliding_window_3d", "resnet18_3d")
+@register_views("sliding_window_3d")
 class SlidingWindowFlips3D(ViewStrategy):
     """Sliding windows of the training crop size (``crop_size``) over the preprocessed volume
     (``spatial_size``) times test-time flips: ``n_windows * n_flips`` views per volume.
@@ -246,7 +262,7 @@ class SlidingWindowFlips3D(ViewStrategy):
         return [f"flip={'+'.join(map(str, f)) or 'none'} window={w}" for f in self.flips for w in range(n_windows)]
 
     def describe(self, volume_shape: Sequence[int] | None = None) -> dict:
-        shape = list(volume_shape[-3:]) if volume_shape is not None else list(self.cfg.get("spatial_size", self.roi))
+        shape = list(volume_shape[-3:]) if volume_shape is not None else list(self.cfg["spatial_size"])
         spatial = [max(int(s), r) for s, r in zip(shape, self.roi)]
         windows = self.window_slices(spatial)
         return {
@@ -271,12 +287,14 @@ def _slice_settings(cfg: dict) -> tuple[int, bool]:
     n = cfg.get("num_slices", (cfg.get("model") or {}).get("in_channels"))
     if n is None:
         raise ConfigError("2D slice views need 'num_slices' (or model.in_channels) in the run config")
-    sort = any(str(t.get("_target_", "")).endswith("RandAxialSlicesd") and bool(t.get("sort", False))
-               for t in cfg.get("augment") or [] if isinstance(t, dict))
+    from petmonai.config import pipeline_entries
+
+    sort = any(str(t["_target_"]).endswith("RandAxialSlicesd") and bool(t.get("sort", False))
+               for t in pipeline_entries(cfg, "augment"))
     return int(n), sort
 
 
-@register_views("random_slices_2d", "resnet18_2d")
+@register_views("random_slices_2d")
 class RandomSlices2D(ViewStrategy):
     """The 2D slice model's test-time views: ``passes`` draws of ``num_slices`` axial slices (at
     random as in training, with replacement, or evenly spaced) cropped in plane to the training

@@ -6,35 +6,93 @@ torch.Size([2, 2])
 
 A config ``model`` entry either names a registered model (with optional keyword arguments that
 override its defaults) or is a MONAI bundle ``_target_`` entry for a network of the user's own.
+
+What petmonai needs to know about a model beyond building it lives here too (:class:`ModelFacts`):
+its Grad-CAM target layer and its default test-time views. A network of the user's own gets
+working defaults: Grad-CAM on its last convolution (:func:`saliency_layer`), sliding windows of the
+training crop for a 3D crop (:func:`petmonai.inference.views.default_views`); where none works the
+error names the ``inference`` key to set.
 """
 
 from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 import torch
 from monai.networks.nets import resnet18
 from petmonai.errors import ConfigError
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What petmonai knows about a registered model besides how to build it."""
+
+    saliency_layer: str | None = None  # Grad-CAM target (a module name); None: the network's last convolution
+    views: str | None = None           # default test-time views (petmonai.inference.views); None: by the crop
+
+
 MODELS: dict[str, Callable[..., torch.nn.Module]] = {}
+MODEL_FACTS: dict[str, ModelFacts] = {}
 
 
-def register(name: str):
+def register(name: str, *, saliency_layer: str | None = None, views: str | None = None):
+    """Decorator: register a network factory under ``name`` (``model: {name: ...}`` in a config) with
+    its facts: Grad-CAM target layer and default test-time view strategy (``None``: the defaults
+    any network gets)."""
+
     def wrap(factory):
         MODELS[name] = factory
+        MODEL_FACTS[name] = ModelFacts(saliency_layer=saliency_layer, views=views)
         return factory
 
     return wrap
 
 
-@register("resnet18_3d")
+def model_facts(model_cfg: dict) -> ModelFacts:
+    """The facts of a config's ``model``: the registered model's, or none for a ``_target_`` network.
+
+    >>> model_facts({"name": "sfcn_3d"}).saliency_layer
+    'features.block4'
+    >>> model_facts({"_target_": "monai.networks.nets.DenseNet121"})
+    ModelFacts(saliency_layer=None, views=None)
+    """
+    if "_target_" in model_cfg:
+        return ModelFacts()
+    name = model_cfg["name"]
+    if name not in MODEL_FACTS:
+        raise ConfigError(f"config key 'model.name': unknown model {name!r} (known: {', '.join(sorted(MODELS))})")
+    return MODEL_FACTS[name]
+
+
+def saliency_layer(model_cfg: dict, net: torch.nn.Module) -> str:
+    """The Grad-CAM target layer of ``net``: its model's registered one, else its last convolution
+    with a spatial kernel (1x1 convolutions, such as a ResNet's shortcut, mix channels only).
+
+    >>> net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.Conv3d(4, 4, 3), torch.nn.Conv3d(4, 8, 1))
+    >>> saliency_layer({"_target_": "my_net.Net"}, net)
+    '1'
+    """
+    registered = model_facts(model_cfg).saliency_layer
+    if registered is not None:
+        return registered
+    convolutions = [(name, module) for name, module in net.named_modules()
+                    if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))]
+    spatial = [name for name, module in convolutions if any(k > 1 for k in module.kernel_size)]
+    if not convolutions:
+        raise ConfigError("inference.saliency_layer: the network has no convolution for Grad-CAM to target; set "
+                          "it to one of its modules (e.g. --set inference.saliency_layer=NAME)")
+    return (spatial or [name for name, _ in convolutions])[-1]
+
+
+# layer4 of the ResNet is 2x2x2 voxels for a 48x56x48 volume, too coarse to localise
+@register("resnet18_3d", saliency_layer="layer3", views="sliding_window_3d")
 def resnet18_3d(in_channels: int = 1, num_classes: int = 2, **kwargs) -> torch.nn.Module:
     """MONAI 3D ResNet-18, trained from scratch; strided 7^3 first convolution + max-pool."""
     kwargs = {"conv1_t_size": 7, "conv1_t_stride": 2, **kwargs}
     return resnet18(spatial_dims=3, n_input_channels=in_channels, num_classes=num_classes, **kwargs)
 
 
-@register("resnet18_2d")
+@register("resnet18_2d", saliency_layer="layer3", views="random_slices_2d")
 def resnet18_2d(in_channels: int = 50, num_classes: int = 2, **kwargs) -> torch.nn.Module:
     """MONAI 2D ResNet-18 whose input channels are axial slices (the challenge baseline: 50),
     trained from scratch (no torchvision, no downloaded weights).
@@ -64,7 +122,7 @@ class SFCN(torch.nn.Module):
                             else (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.MaxPool2d))
         layers, c_in = OrderedDict(), in_channels
         for i, c_out in enumerate(channels, start=1):
-            # named blocks: Grad-CAM targets one by name (inference.saliency_layer, e.g. features.block4)
+            # named blocks: Grad-CAM targets one by name (its registered saliency_layer, features.block4)
             layers[f"block{i}"] = torch.nn.Sequential(conv(c_in, c_out, 3, padding=1), norm(c_out), torch.nn.ReLU())
             if i < len(channels):
                 layers[f"pool{i}"] = pool(2)
@@ -77,7 +135,8 @@ class SFCN(torch.nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
-@register("sfcn_3d")
+# features.block4: 4x5x4 voxels on the default 32x40x32 grid (6x7x6 at 4 mm); block5 is coarser
+@register("sfcn_3d", saliency_layer="features.block4", views="sliding_window_3d")
 def sfcn_3d(in_channels: int = 1, num_classes: int = 2, **kwargs) -> torch.nn.Module:
     """The small 3D :class:`SFCN` (docs/experiments.md: it generalised to unseen sites better
     than the 3D ResNet-18 on the shared data)."""

@@ -13,9 +13,10 @@ import statistics
 import time
 import torch
 from ignite.engine import Events
+from petmonai.config import default_config
 from petmonai.training import build_cache, training_loader
 from petmonai.data import train_rows
-from petmonai.training import build_engines, configure_backends, make_optimizer
+from petmonai.training import build_engines, build_optimizer, configure_backends
 from petmonai.models import build_model
 from petmonai.runs import versions
 from petmonai.transforms import build_pipelines
@@ -104,7 +105,8 @@ class DataWaitTimer:
 def bare_loop(net, batches, device, lr=3e-4, amp_kwargs: dict | None = None) -> float:
     """A plain PyTorch training loop over pre-made batches; returns seconds. ``amp_kwargs``: run the
     forward pass under ``torch.autocast`` with them (fp16 with a gradient scaler)."""
-    opt = make_optimizer(net, lr, 0.01, device)  # the trainer's optimiser: the comparison isolates the engine
+    train_cfg = {**default_config()["train"], "lr": lr, "weight_decay": 0.01}
+    opt = build_optimizer(net, train_cfg, device)  # the trainer's optimiser: the comparison isolates the engine
     loss_fn = torch.nn.CrossEntropyLoss()
     scaler = torch.amp.GradScaler(device.type, enabled=bool(amp_kwargs) and amp_kwargs.get("dtype") == torch.float16)
     net.train()

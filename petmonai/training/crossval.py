@@ -45,8 +45,7 @@ log = get_logger("cv")
 def build_cache(cfg: dict, datalist: pd.DataFrame, preprocess) -> VolumeCache:
     items = to_items(datalist)
     t0 = time.perf_counter()
-    cache = VolumeCache(items, preprocess, num_workers=cfg["data"].get("cache_workers", 2),
-                        skip_bad=cfg["data"].get("skip_bad", False))
+    cache = VolumeCache(items, preprocess, num_workers=cfg["data"]["cache_workers"], skip_bad=cfg["data"]["skip_bad"])
     log.info("preprocessed %d volumes once into the cache in %.1fs (%d skipped)",
              len(cache), time.perf_counter() - t0, len(cache.skipped))
     return cache
@@ -121,25 +120,25 @@ def training_loader(cache: VolumeCache, scan_ids, augment, train_cfg: dict, devi
     """The training loader as ``train:`` asks for it: augmentation in the loader (workers, pinned
     memory and a prefetch thread on CUDA) or on the device (``augment_on_device``); this rank's share
     under torchrun."""
-    on_device = bool(train_cfg.get("augment_on_device", False))
+    on_device = bool(train_cfg["augment_on_device"])
     dataset = training_dataset(cache, scan_ids, augment, device, on_device)
-    workers = 0 if on_device else int(train_cfg.get("num_workers", 0))
+    workers = 0 if on_device else int(train_cfg["num_workers"])
     return make_loader(dataset, int(train_cfg["batch_size"]), True, workers, device, seed, distributed=True,
                        pin_memory=False if on_device else None, prefetch=prefetch_thread(train_cfg, device))
 
 
 def test_view_scorer(cfg: dict, device: torch.device):
-    """``cv.test_views``: ``evaluator`` (when the key is absent) scores a held-out scan once, as the training
+    """``cv.test_views``: ``evaluator`` scores a held-out scan once, as the training
     evaluator sees it (the whole cached volume; 2D: the ``evaluate`` slices); ``inference`` scores it
     with the prediction views of ``predict.py`` (:class:`petmonai.inference.predictor.HeldOutViews`), so
     out-of-fold metrics describe the predictor users run, one fold model at a time (the setting of
     ``configs/train3d.yaml``)."""
-    mode = str(cfg["cv"].get("test_views", "evaluator"))
+    mode = str(cfg["cv"]["test_views"])
     if mode == "evaluator":
         return None
     from petmonai.inference import HeldOutViews
 
-    return HeldOutViews(cfg, device, amp=bool(cfg["train"].get("amp", True)))
+    return HeldOutViews(cfg, device, amp=bool(cfg["train"]["amp"]))
 
 
 def _finished_fold(out_dir: Path) -> dict | None:
@@ -151,9 +150,9 @@ def _finished_fold(out_dir: Path) -> dict | None:
 def training_roles(cfg: dict) -> tuple[str, ...]:
     """The fold roles (folds.csv) a fold's model trains on: ``train``, and ``val`` too when the run keeps
     its last epoch (``train.keep: last``) with ``train.train_on_val`` (the default config)."""
-    train_cfg = cfg.get("train") or {}
-    keep_last = str(train_cfg.get("keep", "best")) == "last"
-    return ("train", "val") if keep_last and bool(train_cfg.get("train_on_val", False)) else ("train",)
+    train_cfg = cfg["train"]
+    keep_last = str(train_cfg["keep"]) == "last"
+    return ("train", "val") if keep_last and bool(train_cfg["train_on_val"]) else ("train",)
 
 
 def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repeat: int, fold: int,
@@ -166,18 +165,28 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
         log.info("repeat %d fold %d: already finished, read from %s", repeat, fold, out_dir)
         preds = pd.read_csv(out_dir / FOLD_PREDICTIONS, dtype={"scan_id": str}) if dist.is_main() else None
         return {**done, "predictions": preds}
-    tcfg = cfg["train"]
     seed = int(cfg["seed"]) + 100 * repeat + fold
     set_determinism(seed=seed)
-    configure_backends(device, tcfg)
+    configure_backends(device, cfg["train"])
     augment.set_random_state(seed=seed + dist.RANK_SEED_STRIDE * dist.rank())  # rank 0: seed
     ids = {role: fold_members(folds, repeat, fold, role) for role in ("train", "val", "test")}
-    keep_best = str(tcfg.get("keep", "best")) == "best"
     if "val" in training_roles(cfg):  # nothing needs them: the val scans train too
         ids["train"], ids["val"] = ids["train"] + ids["val"], []
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
+    net, trainer, evaluator, seconds = _fit_fold(cfg, cache, augment, ids, out_dir, device, seed, (repeat, fold))
+    predictions = _held_out_predictions(cfg, cache, net, ids, device, (repeat, fold))
+    info = {**_kept_epoch(trainer, evaluator, cfg["train"]), "parameters": count_parameters(net)}
+    if dist.is_main():
+        _write_fold(out_dir, predictions, info, seconds, len(ids["train"]), cfg["train"])
+    return {**info, "predictions": predictions}
 
+
+def _fit_fold(cfg: dict, cache: VolumeCache, augment, ids: dict, out_dir: Path, device: torch.device, seed: int,
+              where: tuple[int, int]):
+    """Build the fold's loaders, network and engines, restore its resumable state, train what is left and
+    load the kept weights (rank 0's on every rank). Returns ``(net, trainer, evaluator, train seconds)``."""
+    tcfg = cfg["train"]
     bs = int(tcfg["batch_size"])
     train_loader = training_loader(cache, ids["train"], augment, tcfg, device, seed)
     evaluate = build_evaluation(cfg)  # 2D: evenly spaced slices + centre crop; 3D: None (the cached volume)
@@ -190,24 +199,33 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
                           trainer.history)
     finished = state.restore()
     state.attach(trainer)
-    trace = dist.RankTrace.from_env({"repeat": repeat, "fold": fold})
+    trace = dist.RankTrace.from_env({"repeat": where[0], "fold": where[1]})
     if trace is not None:
         trace.attach(trainer, evaluator)
-    log.info("repeat %d fold %d: %d train / %d val / %d test scans%s", repeat, fold, len(ids["train"]),
+    log.info("repeat %d fold %d: %d train / %d val / %d test scans%s", *where, len(ids["train"]),
              len(ids["val"]), len(ids["test"]),
              f", resumed after epoch {trainer.state.epoch}" if trainer.state.epoch else "", extra=FILE_ONLY)
     t0 = time.perf_counter()
     if not finished:
         trainer.run()
     seconds = time.perf_counter() - t0
-
     if dist.is_main():
         load_weights(net, out_dir / BEST_CHECKPOINT, device)
     dist.broadcast_module(net)  # rank 0's best weights on every rank
     if trace is not None:
         trace.record("best", digest=dist.state_digest(net))
-    preds, fmt = [], memory_format(device, tcfg, spatial_dims(net))
+    return net, trainer, evaluator, seconds
+
+
+def _held_out_predictions(cfg: dict, cache: VolumeCache, net: torch.nn.Module, ids: dict, device: torch.device,
+                          where: tuple[int, int]) -> pd.DataFrame:
+    """P(MCI) of the fold's ``test`` and ``val`` scans by its kept network, as ``cv.test_views`` says
+    (each rank scores its share; the shares are gathered)."""
+    tcfg = cfg["train"]
+    fmt = memory_format(device, tcfg, spatial_dims(net))
     held_out_views = test_view_scorer(cfg, device)
+    evaluate = build_evaluation(cfg)
+    preds = []
     for role in ("test", "val"):
         if not ids[role]:
             continue
@@ -215,35 +233,37 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
         if held_out_views is not None:  # predict.py's views (windows x flips), by this fold's network
             probs = held_out_views(net, {sid: cache[sid]["image"] for sid in share})
         else:
-            loader = make_loader(cache.subset(share, evaluate), bs, False, 0, device)
+            loader = make_loader(cache.subset(share, evaluate), int(tcfg["batch_size"]), False, 0, device)
             # float64 so that predictions read back from predictions.csv (resume) are bit-identical
-            probs = predict_probabilities(net, loader, device, bool(tcfg.get("amp", True)), fmt).astype(np.float64)
+            probs = predict_probabilities(net, loader, device, bool(tcfg["amp"]), fmt).astype(np.float64)
         if dist.world_size() > 1:
             probs = np.asarray(dist.gather_sharded(probs.tolist()), dtype=np.float64)
-        preds.append(pd.DataFrame({"repeat": repeat, "fold": fold, "role": role, "scan_id": ids[role],
+        preds.append(pd.DataFrame({"repeat": where[0], "fold": where[1], "role": role, "scan_id": ids[role],
                                    "prob_mci": probs}))
-    # the kept epoch and its validation AUC: the best one, or (keep=last) the final one
+    return pd.concat(preds, ignore_index=True)
+
+
+def _kept_epoch(trainer, evaluator, train_cfg: dict) -> dict:
+    """The kept epoch and its validation AUC: the best one (``keep: best``), or the final one."""
     kept_epoch, kept_auc = trainer.state.epoch, float("nan")
-    if evaluator is not None and keep_best:
+    if evaluator is not None and str(train_cfg["keep"]) == "best":
         kept_epoch = getattr(evaluator.state, "best_metric_epoch", kept_epoch)
         kept_auc = float(evaluator.state.best_metric)
     elif evaluator is not None:
         kept_auc = float(evaluator.state.metrics.get("val_auc", float("nan")))
-    info = {
-        "epochs_run": int(trainer.state.epoch),
-        "best_epoch": int(kept_epoch),
-        "best_val_auc": kept_auc,
-        "parameters": count_parameters(net),
-    }
-    predictions = pd.concat(preds, ignore_index=True)
-    if dist.is_main():
-        atomic_write_csv(out_dir / FOLD_PREDICTIONS, predictions)
-        atomic_write_json(out_dir / "timing.json", {"train_seconds": seconds, "processes": dist.world_size(),
-                                                    "train_volumes": len(ids["train"]) * info["epochs_run"]})
-        atomic_write_json(out_dir / FOLD_RESULT, info)  # written last: marks the fold as finished
-        if not bool(tcfg.get("keep_resume_checkpoint", False)):  # ~0.4 GB a fold; a finished fold needs none
-            (out_dir / RESUME_CHECKPOINT).unlink(missing_ok=True)
-    return {**info, "predictions": predictions}
+    return {"epochs_run": int(trainer.state.epoch), "best_epoch": int(kept_epoch), "best_val_auc": kept_auc}
+
+
+def _write_fold(out_dir: Path, predictions: pd.DataFrame, info: dict, seconds: float, n_train: int,
+                train_cfg: dict) -> None:
+    """The fold's predictions, timing and (last: it marks the fold finished) result; the resumable
+    checkpoint goes unless ``train.keep_resume_checkpoint``."""
+    atomic_write_csv(out_dir / FOLD_PREDICTIONS, predictions)
+    atomic_write_json(out_dir / "timing.json", {"train_seconds": seconds, "processes": dist.world_size(),
+                                                "train_volumes": n_train * info["epochs_run"]})
+    atomic_write_json(out_dir / FOLD_RESULT, info)  # written last: marks the fold as finished
+    if not bool(train_cfg["keep_resume_checkpoint"]):  # ~0.4 GB a fold; a finished fold needs none
+        (out_dir / RESUME_CHECKPOINT).unlink(missing_ok=True)
 
 
 def fold_summary(info: dict, fold_dir: Path, seconds: float) -> str:
@@ -336,14 +356,14 @@ def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path,
     cv = cfg["cv"]
 
     def decide_folds():
-        folds_file = run_dir / "folds.csv" if resume else cv.get("folds_file")
+        folds_file = run_dir / "folds.csv" if resume else cv["folds_file"]
         if folds_file:
             folds = load_folds(folds_file, train)
             protocol = str(folds.attrs.get("protocol", cv["protocol"]))
         else:
             protocol = cv["protocol"]
             folds = make_folds(train, protocol, int(cv["folds"]), int(cv["repeats"]), int(cfg["seed"]),
-                               float(cfg["train"]["val_fraction"]), bool(cv.get("allow_leaky", False)))
+                               float(cfg["train"]["val_fraction"]), bool(cv["allow_leaky"]))
         atomic_write_csv(run_dir / "folds.csv", folds)
         return folds, protocol
 
@@ -369,8 +389,7 @@ def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path,
         return {"metrics": None, "folds": folds, "predictions": None, "reference": None}
 
     preds = pd.concat(predictions, ignore_index=True)
-    rcfg = cfg.get("report") or {}
-    n_boot, threshold = int(rcfg.get("bootstrap", 2000)), cfg["train"]["threshold"]
+    n_boot, threshold = int(cfg["report"]["bootstrap"]), cfg["train"]["threshold"]
     metrics = summarise(preds, train, protocol, threshold, fold_info, n_boot=n_boot, seed=int(cfg["seed"]))
     scorer = test_view_scorer(cfg, device)
     metrics["test_views"] = ({"mode": "inference", **scorer.describe(cache[cache.scan_ids[0]]["image"].shape)}
@@ -383,7 +402,7 @@ def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path,
     log.info("%s: %s", model_label(cfg["model"]), metrics["headline"]["text"])
 
     reference = None
-    if rcfg.get("reference_model", True):
+    if cfg["report"]["reference_model"]:
         from petmonai.evaluation import run_reference_cv
 
         try:  # the CNN's results are written; a failing reference must not lose them

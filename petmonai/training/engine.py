@@ -3,8 +3,11 @@
 >>> trainer, evaluator = build_engines(net, train_loader, val_loader, fold_dir, train_cfg, device)  # doctest: +SKIP
 >>> trainer.run()  # doctest: +SKIP
 
-Mixed precision runs on CUDA only (bf16 where the GPU supports it, else fp16 with a gradient
-scaler); on CPU the same code runs in plain fp32. The other speed switches of ``train:``
+The optimiser, learning-rate schedule and loss are the config's ``_target_`` entries
+``train.optimizer``, ``train.scheduler`` and ``train.loss`` (:func:`build_optimizer`,
+:func:`build_scheduler`, :func:`training_loss`). Mixed precision runs on CUDA only (bf16 where
+the GPU supports it, else fp16 with a gradient scaler); on CPU the same code runs in plain fp32.
+The other speed switches of ``train:``
 (``channels_last``, ``cudnn_benchmark``, ``compile``) are read here too; every one of them also
 runs on CPU. Under torchrun (:mod:`petmonai.training.distributed`) the trainer's network is wrapped in
 ``DistributedDataParallel`` and only rank 0 writes files.
@@ -12,6 +15,7 @@ runs on CPU. Under torchrun (:mod:`petmonai.training.distributed`) the trainer's
 
 from __future__ import annotations
 import functools
+import inspect
 import logging
 import sys
 import time
@@ -53,7 +57,7 @@ def amp_settings(device: torch.device, enabled: bool = True) -> tuple[bool, dict
 
 def cuda_auto_switch(train_cfg: dict, key: str, device: torch.device) -> bool:
     """A ``train`` switch that is ``auto`` (on CUDA only), ``true`` or ``false``."""
-    value = train_cfg.get(key, "auto")
+    value = train_cfg[key]
     if value == "auto":
         return device.type == "cuda"
     if not isinstance(value, bool):
@@ -107,12 +111,12 @@ def configure_backends(device: torch.device, train_cfg: dict) -> None:
     algorithms for the fixed input shape, at the price of bit-for-bit reproducibility. Call after
     ``set_determinism``, which turns it off. ``train.cpu_allocator: tuned`` (the default) applies
     :func:`tune_cpu_allocator`."""
-    allocator = str(train_cfg.get("cpu_allocator", "tuned"))
+    allocator = str(train_cfg["cpu_allocator"])
     if allocator not in ("tuned", "default"):
         raise ConfigError(f"train.cpu_allocator: {allocator!r} is not one of: tuned, default")
     if allocator == "tuned":
         tune_cpu_allocator()
-    if device.type == "cuda" and bool(train_cfg.get("cudnn_benchmark", True)):
+    if device.type == "cuda" and bool(train_cfg["cudnn_benchmark"]):
         torch.backends.cudnn.benchmark = True
         torch.backends.cudnn.deterministic = False
 
@@ -163,12 +167,56 @@ def mixup_batch(batchdata, device=None, non_blocking: bool = False, *, mixup: Mi
     return (image, label, *rest)
 
 
+def train_entry(train_cfg: dict, name: str, runtime: dict | None = None, partial: bool = False):
+    """The ``_target_`` entry ``train.<name>`` built (``partial``: as a factory still waiting for the
+    arguments only training knows, the network's parameters or the optimiser). The entry may refer
+    to the ``train`` section (``@train#lr``) and to ``runtime`` values (``@steps_per_epoch``)."""
+    from petmonai.config import build_component
+
+    entry = {k: v for k, v in train_cfg[name].items() if k != "_interval_"}  # petmonai's key, not an argument
+    if partial:
+        entry["_mode_"] = "callable"
+    return build_component({"train": {**train_cfg, name: entry}}, f"train#{name}", runtime)
+
+
+def _call_entry(factory, name: str, *args, **kwargs):
+    try:
+        return factory(*args, **kwargs)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"config key 'train.{name}': cannot build it ({type(err).__name__}: {err})") from None
+
+
 def training_loss(train_cfg: dict) -> torch.nn.Module:
-    """Cross-entropy, with ``train.label_smoothing`` (0: none); it takes mixup's soft targets too."""
-    smoothing = float(train_cfg.get("label_smoothing", 0.0))
+    """``train.loss`` (default: cross-entropy with ``train.label_smoothing``; it takes mixup's soft targets too)."""
+    smoothing = float(train_cfg["label_smoothing"])
     if not 0.0 <= smoothing < 1.0:
         raise ConfigError(f"train.label_smoothing: {smoothing} is not in [0, 1)")
-    return torch.nn.CrossEntropyLoss(label_smoothing=smoothing)
+    return train_entry(train_cfg, "loss")
+
+
+def build_optimizer(net: torch.nn.Module, train_cfg: dict, device: torch.device) -> torch.optim.Optimizer:
+    """``train.optimizer`` over the network's parameters, fused (one kernel over all parameters) on
+    CPU and CUDA where its class takes ``fused`` and the entry does not set it: on 2 CPU cores the
+    per-tensor AdamW update of the 33M-parameter 3D ResNet-18 took ~100 ms per step, the fused one ~20 ms.
+
+    >>> from petmonai.config import default_config
+    >>> build_optimizer(torch.nn.Linear(2, 2), default_config()["train"], torch.device("cpu")).defaults["fused"]
+    True
+    """
+    factory = train_entry(train_cfg, "optimizer", partial=True)
+    kwargs = {}
+    target = factory.func if isinstance(factory, functools.partial) else factory
+    if "fused" not in train_cfg["optimizer"] and "fused" in inspect.signature(target).parameters:
+        fused = device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in net.parameters())
+        kwargs["fused"] = fused or None
+    return _call_entry(factory, "optimizer", net.parameters(), **kwargs)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: dict, steps_per_epoch: int):
+    """``train.scheduler`` on ``optimizer``, and whether it steps every iteration (its ``_interval_``)
+    rather than every epoch. It may refer to ``@steps_per_epoch``, the training batches of an epoch."""
+    factory = train_entry(train_cfg, "scheduler", {"steps_per_epoch": steps_per_epoch}, partial=True)
+    return _call_entry(factory, "scheduler", optimizer), train_cfg["scheduler"]["_interval_"] == "iteration"
 
 
 class PetTrainer(SupervisedTrainer):
@@ -194,17 +242,6 @@ def step_loss(output: dict) -> torch.Tensor:
     return output["loss"]
 
 
-def make_optimizer(net: torch.nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, fused (one kernel over all parameters) on CPU and CUDA: on 2 CPU cores the per-tensor
-    update of the 33M-parameter 3D ResNet-18 took ~100 ms per step, the fused one ~20 ms.
-
-    >>> make_optimizer(torch.nn.Linear(2, 2), 1e-3, 0.01, torch.device("cpu")).defaults["fused"]
-    True
-    """
-    fused = device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in net.parameters())
-    return torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay, fused=fused or None)
-
-
 def build_engines(
     net: torch.nn.Module,
     train_loader,
@@ -220,7 +257,8 @@ def build_engines(
     ``val_loader=None`` trains without validation and keeps the final weights as the best.
     ``train_cfg["keep"] == "last"`` also keeps the final weights (the validation AUC is still
     logged every epoch, but chooses no checkpoint and stops nothing): with ~6 validation scans a
-    fold, the best-AUC epoch is mostly chance.
+    fold, the best-AUC epoch is mostly chance. Optimiser, schedule and loss are the ``_target_``
+    entries ``train_cfg["optimizer"]``, ``["scheduler"]`` and ``["loss"]``.
 
     Speed switches of ``train_cfg``: ``channels_last`` (the network is converted in place),
     ``compile`` (``torch.compile`` of the training network), ``amp`` (CUDA only). With several
@@ -228,46 +266,56 @@ def build_engines(
     checkpoints and ``trainer.history`` use ``net`` itself. Files are written by rank 0 only.
     """
     fold_dir = Path(fold_dir)
-    amp, amp_kwargs = amp_settings(device, train_cfg.get("amp", True))
+    keep = str(train_cfg["keep"])
+    if keep not in ("best", "last"):
+        raise ConfigError(f"config key 'train.keep': '{keep}' is not best or last")
     fmt = memory_format(device, train_cfg, spatial_dims(net))
     if fmt is not torch.contiguous_format:
         net.to(memory_format=fmt)
-    batch_fn = functools.partial(prepare_batch, memory_format=fmt)
-    alpha = float(train_cfg.get("mixup_alpha", 0.0))
-    train_batch_fn = (functools.partial(mixup_batch, memory_format=fmt, mixup=MixUpBatch(alpha)) if alpha
-                      else batch_fn)
-    main = dist.is_main()
-    keep = str(train_cfg.get("keep", "best"))
-    if keep not in ("best", "last"):
-        raise ConfigError(f"config key 'train.keep': '{keep}' is not best or last")
-    train_net = dist.wrap_ddp(net, device, sync_bn=bool(train_cfg.get("sync_bn", True)))
-    max_epochs = int(train_cfg["max_epochs"])
-    optimizer = make_optimizer(net, float(train_cfg["lr"]), float(train_cfg["weight_decay"]), device)
-    schedule = str(train_cfg.get("scheduler", "cosine"))
-    if schedule == "cosine":  # per epoch, from lr down to 0
-        scheduler, step_per_iteration = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs), False
-    elif schedule == "onecycle":  # per step: warm up to lr over the first 30 % of steps, then anneal
-        steps = max_epochs * max(1, len(train_loader))
-        scheduler, step_per_iteration = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=optimizer.param_groups[0]["lr"],
-                                                                            total_steps=steps), True
-    else:
-        raise ConfigError(f"config key 'train.scheduler': '{schedule}' is not cosine or onecycle")
-    log_name = f"{LOGGER_NAME}.engine"
-    tb_dir = fold_dir / "tensorboard"
+    trainer = _make_trainer(net, train_loader, fold_dir, train_cfg, device, fmt)
+    evaluator = None
+    if val_loader is not None:
+        evaluator = _make_evaluator(net, val_loader, trainer, fold_dir, train_cfg, device, fmt, keep)
+        ValidationHandler(validator=evaluator, interval=1, epoch_level=True).attach(trainer)
+    if evaluator is None or keep == "last":
+        CheckpointSaver(save_dir=str(fold_dir), save_dict={"model": net}, save_final=True,
+                        final_filename=BEST_CHECKPOINT).attach(trainer)
+    _route_engine_logs()
+    trainer.history = EpochHistory(fold_dir / "history.csv", trainer.optimizer, evaluator, write=dist.is_main())
+    trainer.history.attach(trainer)
+    if progress_bar is None:
+        progress_bar = bool(train_cfg["progress_bar"]) and sys.stderr.isatty()
+    if progress_bar and dist.is_main():
+        ProgressBar(persist=False).attach(trainer, output_transform=step_loss)
+    return trainer, evaluator
 
-    trainer_handlers = [LrScheduleHandler(lr_scheduler=scheduler, print_lr=False, epoch_level=not step_per_iteration)]
-    if main:
-        trainer_handlers += [
-            StatsHandler(name=log_name, output_transform=lambda x: None, iteration_log=False),
+
+ENGINE_LOG = f"{LOGGER_NAME}.engine"
+
+
+def _make_trainer(net: torch.nn.Module, train_loader, fold_dir: Path, train_cfg: dict, device: torch.device,
+                  fmt: torch.memory_format) -> PetTrainer:
+    """The trainer: optimiser, LR schedule (per epoch or per iteration), loss, mixup, AMP, DDP,
+    epoch stats (rank 0), a new shuffling order per epoch under torchrun."""
+    amp, amp_kwargs = amp_settings(device, train_cfg["amp"])
+    alpha = float(train_cfg["mixup_alpha"])
+    batch_fn = (functools.partial(mixup_batch, memory_format=fmt, mixup=MixUpBatch(alpha)) if alpha
+                else functools.partial(prepare_batch, memory_format=fmt))
+    optimizer = build_optimizer(net, train_cfg, device)
+    scheduler, per_iteration = build_scheduler(optimizer, train_cfg, max(1, len(train_loader)))
+    handlers = [LrScheduleHandler(lr_scheduler=scheduler, print_lr=False, epoch_level=not per_iteration)]
+    if dist.is_main():
+        handlers += [
+            StatsHandler(name=ENGINE_LOG, output_transform=lambda x: None, iteration_log=False),
             # every 10th step: a per-step scalar write cost ~3% of a small network's step time
-            TensorBoardStatsHandler(log_dir=str(tb_dir), tag_name="train_loss_iteration",
+            TensorBoardStatsHandler(log_dir=str(fold_dir / "tensorboard"), tag_name="train_loss_iteration",
                                     output_transform=step_loss, iteration_log=10),
         ]
     trainer = PetTrainer(
         device=device,
-        max_epochs=max_epochs,
+        max_epochs=int(train_cfg["max_epochs"]),
         train_data_loader=train_loader,
-        network=train_net,
+        network=dist.wrap_ddp(net, device, sync_bn=bool(train_cfg["sync_bn"])),
         optimizer=optimizer,
         loss_function=training_loss(train_cfg),
         optim_set_to_none=True,  # frees gradients instead of zero-filling 33M floats every step
@@ -276,12 +324,12 @@ def build_engines(
         amp=amp,
         amp_kwargs=amp_kwargs,
         non_blocking=device.type == "cuda",
-        prepare_batch=train_batch_fn,
+        prepare_batch=batch_fn,
         key_train_metric={"train_loss": Average(output_transform=step_loss)},
         metric_cmp_fn=lambda current, best: current < best,  # a loss: lower is better
-        train_handlers=trainer_handlers,
-        compile=bool(train_cfg.get("compile", False)),
-        compile_kwargs=dict(train_cfg.get("compile_kwargs") or {}),
+        train_handlers=handlers,
+        compile=bool(train_cfg["compile"]),
+        compile_kwargs=dict(train_cfg["compile_kwargs"] or {}),
     )
     trainer.optimizer_scheduler = scheduler  # kept for resumable checkpoints
     trainer.plain_network = net  # the module inside DDP / torch.compile: checkpoints, evaluation
@@ -290,57 +338,53 @@ def build_engines(
         trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: sampler.set_epoch(engine.state.epoch))
     if dist.world_size() > 1:  # every rank validates and saves rank 0's batch-norm statistics
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: dist.broadcast_buffers(net))
+    return trainer
 
-    evaluator = None
-    if val_loader is not None:
-        evaluator = SupervisedEvaluator(
-            device=device,
-            val_data_loader=val_loader,
-            network=net,  # not the DDP wrapper: ranks may hold different numbers of validation scans
-            inferer=SimpleInferer(),
-            # ROCAUC all-gathers its predictions across ranks before computing: one AUC on every rank
-            key_val_metric={"val_auc": ROCAUC(output_transform=mci_probability)},
-            amp=amp,
-            amp_kwargs=amp_kwargs,
-            non_blocking=device.type == "cuda",
-            prepare_batch=batch_fn,
-            metric_cmp_fn=lambda current, best: current >= best,  # ties: keep the later, longer-trained epoch
-            val_handlers=[
-                *([StatsHandler(name=log_name, output_transform=lambda x: None, iteration_log=False,
-                                global_epoch_transform=lambda _: trainer.state.epoch),
-                   TensorBoardStatsHandler(log_dir=str(tb_dir), output_transform=lambda x: None,
-                                           global_epoch_transform=lambda _: trainer.state.epoch,
-                                           iteration_log=False)] if main else []),
-                *([best_checkpoint := CheckpointSaver(
-                    save_dir=str(fold_dir), save_dict={"model": net}, save_key_metric=True, key_metric_n_saved=1,
-                    key_metric_filename=BEST_CHECKPOINT, key_metric_greater_or_equal=True),
-                   early_stop := EarlyStopHandler(patience=int(train_cfg["early_stop_patience"]), trainer=trainer,
-                                                  score_function=stopping_fn_from_metric("val_auc"))]
-                  if keep == "best" else []),
-            ],
-        )
-        if keep == "best":
-            evaluator._handlers_for_resume = {"early_stop": early_stop, "best_checkpoint": best_checkpoint}
-        ValidationHandler(validator=evaluator, interval=1, epoch_level=True).attach(trainer)
-    if evaluator is None or keep == "last":
-        CheckpointSaver(save_dir=str(fold_dir), save_dict={"model": net}, save_final=True,
-                        final_filename=BEST_CHECKPOINT).attach(trainer)
 
-    # MONAI's StatsHandler gives its logger a console handler of its own; route it to the run's log instead
-    engine_logger = logging.getLogger(log_name)
+def _make_evaluator(net: torch.nn.Module, val_loader, trainer, fold_dir: Path, train_cfg: dict, device: torch.device,
+                    fmt: torch.memory_format, keep: str) -> SupervisedEvaluator:
+    """The validation evaluator (ROC AUC each epoch); with ``keep: best`` also the best checkpoint
+    and early stopping, kept for resuming in ``evaluator._handlers_for_resume``."""
+    amp, amp_kwargs = amp_settings(device, train_cfg["amp"])
+    handlers = []
+    if dist.is_main():
+        handlers += [StatsHandler(name=ENGINE_LOG, output_transform=lambda x: None, iteration_log=False,
+                                  global_epoch_transform=lambda _: trainer.state.epoch),
+                     TensorBoardStatsHandler(log_dir=str(fold_dir / "tensorboard"), output_transform=lambda x: None,
+                                             global_epoch_transform=lambda _: trainer.state.epoch,
+                                             iteration_log=False)]
+    if keep == "best":
+        best_checkpoint = CheckpointSaver(
+            save_dir=str(fold_dir), save_dict={"model": net}, save_key_metric=True, key_metric_n_saved=1,
+            key_metric_filename=BEST_CHECKPOINT, key_metric_greater_or_equal=True)
+        early_stop = EarlyStopHandler(patience=int(train_cfg["early_stop_patience"]), trainer=trainer,
+                                      score_function=stopping_fn_from_metric("val_auc"))
+        handlers += [best_checkpoint, early_stop]
+    evaluator = SupervisedEvaluator(
+        device=device,
+        val_data_loader=val_loader,
+        network=net,  # not the DDP wrapper: ranks may hold different numbers of validation scans
+        inferer=SimpleInferer(),
+        # ROCAUC all-gathers its predictions across ranks before computing: one AUC on every rank
+        key_val_metric={"val_auc": ROCAUC(output_transform=mci_probability)},
+        amp=amp,
+        amp_kwargs=amp_kwargs,
+        non_blocking=device.type == "cuda",
+        prepare_batch=functools.partial(prepare_batch, memory_format=fmt),
+        metric_cmp_fn=lambda current, best: current >= best,  # ties: keep the later, longer-trained epoch
+        val_handlers=handlers,
+    )
+    if keep == "best":
+        evaluator._handlers_for_resume = {"early_stop": early_stop, "best_checkpoint": best_checkpoint}
+    return evaluator
+
+
+def _route_engine_logs() -> None:
+    """MONAI's StatsHandler gives its logger a console handler of its own; route it to the run's log instead."""
+    engine_logger = logging.getLogger(ENGINE_LOG)
     for handler in list(engine_logger.handlers):
         engine_logger.removeHandler(handler)
     engine_logger.propagate = True
-
-    trainer.history = EpochHistory(fold_dir / "history.csv", optimizer, evaluator, write=main)
-    trainer.history.attach(trainer)
-
-    if progress_bar is None:
-        progress_bar = bool(train_cfg.get("progress_bar", True)) and sys.stderr.isatty()
-    progress_bar = progress_bar and main
-    if progress_bar:
-        ProgressBar(persist=False).attach(trainer, output_transform=step_loss)
-    return trainer, evaluator
 
 
 class EpochHistory:

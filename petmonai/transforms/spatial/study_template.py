@@ -176,7 +176,7 @@ def write_study_template(template: StudyTemplate, output: str | Path, cfg: dict,
         "used": template.used,
         "skipped": template.skipped,
         "correlation_with_template": {**template.match(), "per_scan": template.correlations},
-        "template_config": cfg.get("template", {}),
+        "template_config": cfg["template"],
         "versions": versions(),
     })
     return output
