@@ -194,7 +194,7 @@ def _fit_fold(cfg: dict, cache: VolumeCache, augment, ids: dict, out_dir: Path, 
                   if ids["val"] else None)
     net = build_model(cfg["model"], cfg).to(device)
     trainer, evaluator = build_engines(net, train_loader, val_loader, out_dir, tcfg, device)
-    attach_fold(trainer, evaluator, repeat, fold)  # MLflow, with tracking.mlflow (petmonai.training.tracking)
+    attach_fold(trainer, evaluator, *where)  # MLflow, with tracking.mlflow (petmonai.training.tracking)
     state = TrainingState(out_dir / RESUME_CHECKPOINT, trainer, evaluator, augment, train_loader.generator,
                           trainer.history)
     finished = state.restore()
