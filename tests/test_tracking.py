@@ -49,7 +49,7 @@ def test_tracked_run_is_logged_and_read_back(tiny_cohort, fast_config, tmp_path,
     assert logged.info.run_name == "tracked" and logged.info.status == "FINISHED"
     params = logged.data.params
     assert params["train.max_epochs"] == "2" and params["cv.folds"] == "2" and params["tracking.mlflow"] == "True"
-    assert params["preprocess.0._target_"] == "LoadImaged"
+    assert params["preprocess.load._target_"] == "LoadImaged"
     for fold in ("fold_0", "fold_1"):  # every epoch's training loss of every fold
         history = client.get_metric_history(logged.info.run_id, f"{fold}/train_loss")
         assert sorted(m.step for m in history) == [1, 2] and all(m.value > 0 for m in history)
