@@ -394,6 +394,110 @@ def _fold_key(repeat, fold) -> str:
     return f"{int(repeat)}/{int(fold)}"
 
 
+def _scored_test(predictions: pd.DataFrame, labels: pd.DataFrame, thresholds: dict) -> pd.DataFrame:
+    """The test rows with their labels, subjects and sites, each fold's threshold and the call (``pred``)."""
+    test = predictions[predictions["role"] == "test"].merge(labels, on="scan_id", how="inner")
+    if test.empty:
+        raise PetmonaiError("no out-of-fold test predictions to evaluate")
+    test["threshold"] = [thresholds[(int(r), int(f))]["threshold"] for r, f in zip(test["repeat"], test["fold"])]
+    test["pred"] = (test["prob_mci"] >= test["threshold"]).astype(int)
+    return test
+
+
+def _per_fold(test: pd.DataFrame, thresholds: dict, fold_info: list[dict] | None) -> list[dict]:
+    """Metrics inside each (repeat, fold), with its test sites, class counts and ``fold_info`` extras."""
+    info_by_fold = {(int(i["repeat"]), int(i["fold"])): i for i in (fold_info or [])}
+    per_fold = []
+    for (repeat, fold), part in test.groupby(["repeat", "fold"], sort=True):
+        key = (int(repeat), int(fold))
+        extra = {k: v for k, v in info_by_fold.get(key, {}).items() if k not in ("predictions", "repeat", "fold")}
+        m = classification_metrics(part["label"], part["prob_mci"], part["threshold"])
+        per_fold.append({
+            "repeat": key[0], "fold": key[1],
+            "test_sites": " ".join(sorted(set(part["site"].astype(str)) - {""})),
+            "n_subjects": int(part["subject"].nunique()),
+            "n_mci": int((part["label"] == 1).sum()), "n_nc": int((part["label"] == 0).sum()),
+            **m, "threshold_source": thresholds[key]["source"], **extra,
+        })
+    return per_fold
+
+
+def _pooled(test: pd.DataFrame, per_fold: list[dict], n_boot: int, seed: int) -> tuple[dict, dict, dict, dict]:
+    """Pooled metrics (per repeat, averaged over repeats), the per-fold summary and both subject-bootstrap
+    CIs: ``(pooled, pooled_ci, fold_summary, fold_mean_ci)``."""
+    by_repeat = [classification_metrics(p["label"], p["prob_mci"], p["threshold"]) for _, p in test.groupby("repeat")]
+    pooled = {k: float(np.nanmean([m[k] for m in by_repeat])) if not all(np.isnan(m[k]) for m in by_repeat)
+              else float("nan") for k in METRIC_KEYS}
+    pooled["n"] = int(round(len(test) / max(1, test["repeat"].nunique())))
+    pooled["brier"] = float(np.mean([brier_score(p["label"], p["prob_mci"]) for _, p in test.groupby("repeat")]))
+    pooled_ci = subject_bootstrap(test["label"], test["prob_mci"], test["subject"], test["threshold"],
+                                  groups=test["repeat"], n_boot=n_boot, seed=seed)
+    fold_groups = [_fold_key(r, f) for r, f in zip(test["repeat"], test["fold"])]
+    fold_mean_ci = subject_bootstrap(test["label"], test["prob_mci"], test["subject"], test["threshold"],
+                                     groups=fold_groups, n_boot=n_boot, seed=seed)
+    fold_summary = {k: spread([f[k] for f in per_fold]) for k in METRIC_KEYS}
+    for key in METRIC_KEYS:  # the same point estimates everywhere (the bootstrap's own agree up to rounding)
+        pooled_ci[key]["value"] = pooled[key]
+        fold_mean_ci[key]["value"] = fold_summary[key]["mean"]
+    return pooled, pooled_ci, fold_summary, fold_mean_ci
+
+
+def _per_site(test: pd.DataFrame) -> list[dict]:
+    """Per test site: its classes, counts, mean probability, how often it was called positive and was right."""
+    per_site = []
+    for site, part in test.groupby("site", sort=True):
+        per_site.append({
+            "site": str(site) or "(unknown)",
+            "classes": "/".join(c for c, v in (("NC", 0), ("MCI", 1)) if (part["label"] == v).any()),
+            "n_scans": int(part["scan_id"].nunique()), "n_subjects": int(part["subject"].nunique()),
+            "n_evaluations": int(len(part)),
+            "mean_prob_mci": float(part["prob_mci"].mean()),
+            "called_mci": float(part["pred"].mean()),
+            "accuracy": float((part["pred"] == part["label"]).mean()),
+            **({"roc_auc": float(roc_auc_score(part["label"], part["prob_mci"]))}
+               if part["label"].nunique() == 2 else {"roc_auc": float("nan")}),
+        })
+    return per_site
+
+
+def _headline(protocol: str, leaky: bool, pooled: dict, pooled_ci: dict, fold_summary: dict,
+              fold_mean_ci: dict) -> dict:
+    """The number to quote for the protocol: the mean fold AUC (site-pair) or the pooled AUC, with its CI."""
+    if protocol == "site-pair":
+        fa = fold_summary["roc_auc"]
+        ci = fold_mean_ci["roc_auc"]
+        return {
+            "metric": "roc_auc", "statistic": "mean over folds", "value": fa["mean"], "sd": fa["sd"],
+            "min": fa["min"], "ci_low": ci["ci_low"], "ci_high": ci["ci_high"], "n_folds": fa["n"],
+            "text": f"mean fold ROC AUC {fa['mean']:.2f} (sd {fa['sd']:.2f}, min {fa['min']:.2f}, "
+                    f"{fa['n']} site-pair folds; subject-bootstrap 95% CI of the mean "
+                    f"{ci['ci_low']:.2f}-{ci['ci_high']:.2f})",
+        }
+    ci = pooled_ci["roc_auc"]
+    return {
+        "metric": "roc_auc", "statistic": "pooled out-of-fold", "value": pooled["roc_auc"],
+        "ci_low": ci["ci_low"], "ci_high": ci["ci_high"],
+        "text": ("LEAKY " if leaky else "") + f"pooled out-of-fold ROC AUC {pooled['roc_auc']:.2f} "
+                f"(95% CI {ci['ci_low']:.2f}-{ci['ci_high']:.2f}, resampling "
+                f"{pooled_ci['n_units']} subjects)",
+    }
+
+
+def _cv_notes(protocol: str, leaky: bool, mode, thresholds: dict) -> list[str]:
+    notes = []
+    if leaky:
+        notes.append("LEAKY: scan-level split; scans of one subject are on both sides of folds. Do not quote.")
+    if protocol == "site-pair":
+        notes.append("Pooled metrics across site-pair folds are not meaningful (scans are tested in several folds; "
+                     "scores of different fold models are not on one scale); use the per-fold summary.")
+    if mode == "tuned":
+        fallback = [f"{k[0]}/{k[1]}" for k, v in thresholds.items() if v["source"].startswith("default")]
+        if fallback:
+            notes.append(f"threshold fell back to 0.5 in fold(s) {', '.join(fallback)}: their validation "
+                         "scans held one class only")
+    return notes
+
+
 def evaluate_cv(predictions: pd.DataFrame, datalist: pd.DataFrame, protocol: str, threshold=0.5,
                 fold_info: list[dict] | None = None, n_boot: int = 2000, seed: int = 0,
                 leaky_protocols=("scan",)) -> dict:
@@ -412,86 +516,10 @@ def evaluate_cv(predictions: pd.DataFrame, datalist: pd.DataFrame, protocol: str
     mode = parse_threshold(threshold)
     labels = datalist[["scan_id", "label", "subject", "site"]].drop_duplicates("scan_id")
     thresholds = fold_thresholds(predictions, labels, mode)
-    test = predictions[predictions["role"] == "test"].merge(labels, on="scan_id", how="inner")
-    if test.empty:
-        raise PetmonaiError("no out-of-fold test predictions to evaluate")
-    test["threshold"] = [thresholds[(int(r), int(f))]["threshold"] for r, f in zip(test["repeat"], test["fold"])]
-    test["pred"] = (test["prob_mci"] >= test["threshold"]).astype(int)
-
-    info_by_fold = {(int(i["repeat"]), int(i["fold"])): i for i in (fold_info or [])}
-    per_fold = []
-    for (repeat, fold), part in test.groupby(["repeat", "fold"], sort=True):
-        key = (int(repeat), int(fold))
-        extra = {k: v for k, v in info_by_fold.get(key, {}).items() if k not in ("predictions", "repeat", "fold")}
-        m = classification_metrics(part["label"], part["prob_mci"], part["threshold"])
-        per_fold.append({
-            "repeat": key[0], "fold": key[1],
-            "test_sites": " ".join(sorted(set(part["site"].astype(str)) - {""})),
-            "n_subjects": int(part["subject"].nunique()),
-            "n_mci": int((part["label"] == 1).sum()), "n_nc": int((part["label"] == 0).sum()),
-            **m, "threshold_source": thresholds[key]["source"], **extra,
-        })
-
-    by_repeat = [classification_metrics(p["label"], p["prob_mci"], p["threshold"]) for _, p in test.groupby("repeat")]
-    pooled = {k: float(np.nanmean([m[k] for m in by_repeat])) if not all(np.isnan(m[k]) for m in by_repeat)
-              else float("nan") for k in METRIC_KEYS}
-    pooled["n"] = int(round(len(test) / max(1, test["repeat"].nunique())))
-    pooled["brier"] = float(np.mean([brier_score(p["label"], p["prob_mci"]) for _, p in test.groupby("repeat")]))
-    pooled_ci = subject_bootstrap(test["label"], test["prob_mci"], test["subject"], test["threshold"],
-                                  groups=test["repeat"], n_boot=n_boot, seed=seed)
-    fold_groups = [_fold_key(r, f) for r, f in zip(test["repeat"], test["fold"])]
-    fold_mean_ci = subject_bootstrap(test["label"], test["prob_mci"], test["subject"], test["threshold"],
-                                     groups=fold_groups, n_boot=n_boot, seed=seed)
-    fold_summary = {k: spread([f[k] for f in per_fold]) for k in METRIC_KEYS}
-    for key in METRIC_KEYS:  # the same point estimates everywhere (the bootstrap's own agree up to rounding)
-        pooled_ci[key]["value"] = pooled[key]
-        fold_mean_ci[key]["value"] = fold_summary[key]["mean"]
-
-    per_site = []
-    for site, part in test.groupby("site", sort=True):
-        per_site.append({
-            "site": str(site) or "(unknown)",
-            "classes": "/".join(c for c, v in (("NC", 0), ("MCI", 1)) if (part["label"] == v).any()),
-            "n_scans": int(part["scan_id"].nunique()), "n_subjects": int(part["subject"].nunique()),
-            "n_evaluations": int(len(part)),
-            "mean_prob_mci": float(part["prob_mci"].mean()),
-            "called_mci": float(part["pred"].mean()),
-            "accuracy": float((part["pred"] == part["label"]).mean()),
-            **({"roc_auc": float(roc_auc_score(part["label"], part["prob_mci"]))}
-               if part["label"].nunique() == 2 else {"roc_auc": float("nan")}),
-        })
-
+    test = _scored_test(predictions, labels, thresholds)
+    per_fold = _per_fold(test, thresholds, fold_info)
+    pooled, pooled_ci, fold_summary, fold_mean_ci = _pooled(test, per_fold, n_boot, seed)
     fold_thr = [thresholds[k]["threshold"] for k in sorted(thresholds)]
-    if protocol == "site-pair":
-        fa = fold_summary["roc_auc"]
-        ci = fold_mean_ci["roc_auc"]
-        headline = {
-            "metric": "roc_auc", "statistic": "mean over folds", "value": fa["mean"], "sd": fa["sd"],
-            "min": fa["min"], "ci_low": ci["ci_low"], "ci_high": ci["ci_high"], "n_folds": fa["n"],
-            "text": f"mean fold ROC AUC {fa['mean']:.2f} (sd {fa['sd']:.2f}, min {fa['min']:.2f}, "
-                    f"{fa['n']} site-pair folds; subject-bootstrap 95% CI of the mean "
-                    f"{ci['ci_low']:.2f}-{ci['ci_high']:.2f})",
-        }
-    else:
-        ci = pooled_ci["roc_auc"]
-        headline = {
-            "metric": "roc_auc", "statistic": "pooled out-of-fold", "value": pooled["roc_auc"],
-            "ci_low": ci["ci_low"], "ci_high": ci["ci_high"],
-            "text": ("LEAKY " if leaky else "") + f"pooled out-of-fold ROC AUC {pooled['roc_auc']:.2f} "
-                    f"(95% CI {ci['ci_low']:.2f}-{ci['ci_high']:.2f}, resampling "
-                    f"{pooled_ci['n_units']} subjects)",
-        }
-    notes = []
-    if leaky:
-        notes.append("LEAKY: scan-level split; scans of one subject are on both sides of folds. Do not quote.")
-    if protocol == "site-pair":
-        notes.append("Pooled metrics across site-pair folds are not meaningful (scans are tested in several folds; "
-                     "scores of different fold models are not on one scale); use the per-fold summary.")
-    if mode == "tuned":
-        fallback = [f"{k[0]}/{k[1]}" for k, v in thresholds.items() if v["source"].startswith("default")]
-        if fallback:
-            notes.append(f"threshold fell back to 0.5 in fold(s) {', '.join(fallback)}: their validation "
-                         "scans held one class only")
     return {
         "protocol": protocol,
         "protocol_description": PROTOCOL_TEXT.get(protocol, protocol),
@@ -500,7 +528,7 @@ def evaluate_cv(predictions: pd.DataFrame, datalist: pd.DataFrame, protocol: str
         "threshold": float(mode) if mode != "tuned" else float(np.mean(fold_thr)),
         "threshold_mode": "tuned" if mode == "tuned" else "fixed",
         "fold_thresholds": {_fold_key(*k): v for k, v in sorted(thresholds.items())},
-        "headline": headline,
+        "headline": _headline(protocol, leaky, pooled, pooled_ci, fold_summary, fold_mean_ci),
         "pooled": pooled,
         "pooled_meaningful": protocol != "site-pair",
         "pooled_ci": pooled_ci,
@@ -508,10 +536,10 @@ def evaluate_cv(predictions: pd.DataFrame, datalist: pd.DataFrame, protocol: str
         "fold_summary": fold_summary,
         "fold_mean_ci": fold_mean_ci,
         "per_fold": per_fold,
-        "per_site": per_site,
+        "per_site": _per_site(test),
         "bootstrap": {"n_boot": int(n_boot), "seed": int(seed), "unit": "subject", "stratified_by_class":
                       bool(pooled_ci.get("stratified")), "confidence": 0.95, "method": "percentile"},
-        "notes": notes,
+        "notes": _cv_notes(protocol, leaky, mode, thresholds),
     }
 
 

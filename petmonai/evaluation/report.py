@@ -576,62 +576,42 @@ def _glossary() -> list[str]:
             "under the LEAKY scan protocol, on no scan of that subject).", ""]
 
 
-def build_report(run_dir: str | Path, recompute: bool = False, n_boot: int | None = None,
-                 figures: bool = True) -> Path:
-    """Write ``report.md`` and the figures into ``run_dir``; returns the report's path.
-
-    ``recompute``: recompute the metrics from the prediction files instead of reading
-    ``metrics.json`` (with ``n_boot`` bootstrap replicates). ``figures=False`` writes the Markdown only.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise PetmonaiError(f"{run_dir}: run folder not found")
+def _run_datalist(run_dir: Path) -> pd.DataFrame | None:
+    """The labelled rows of the run's ``datalist.csv`` (for recomputing tuned thresholds), or None."""
     datalist = _read_csv(run_dir / "datalist.csv")
-    if datalist is not None and {"scan_id", "label", "subject", "site"} <= set(datalist.columns):
-        datalist = datalist[datalist["label"].astype(float) >= 0].assign(
-            label=lambda d: d["label"].astype(int), site=lambda d: d["site"].fillna("").astype(str))
-    else:
-        datalist = None
+    if datalist is None or not {"scan_id", "label", "subject", "site"} <= set(datalist.columns):
+        return None
+    return datalist[datalist["label"].astype(float) >= 0].assign(
+        label=lambda d: d["label"].astype(int), site=lambda d: d["site"].fillna("").astype(str))
+
+
+def _run_models(run_dir: Path, recompute: bool, n_boot: int | None) -> list[dict]:
+    """The CNN and, when the run has one, the reference model (see :func:`_load_model`)."""
+    datalist = _run_datalist(run_dir)
     cnn = _load_model(run_dir, run_model_name(run_dir), recompute, n_boot, datalist)
     if cnn is None:
         raise PetmonaiError(f"{run_dir}: no oof_predictions.csv; has training finished? (a report needs the "
                             "out-of-fold predictions of a finished run)")
-    models = [cnn]
     reference = _load_model(run_dir / "reference", REFERENCE_NAME, recompute, n_boot, datalist)
-    if reference is not None:
-        models.append(reference)
-    protocol = cnn["metrics"].get("protocol", "subject")
-    audit = _read_json(run_dir / "audit.json")
-    provenance = _read_json(run_dir / "provenance.json") or {}
-    folds = _read_csv(run_dir / "folds.csv")
-    synthetic = bool(provenance.get("synthetic_data") or (audit or {}).get("synthetic"))
-    history = _histories(run_dir)
+    return [cnn] + ([reference] if reference is not None else [])
 
-    written = {}
-    if figures:
-        written["roc"] = plot_roc(models, protocol, run_dir / FIGURES["roc"])
-        written["confusion"] = plot_confusion(models, protocol, run_dir / FIGURES["confusion"])
-        written["calibration"] = plot_calibration(models, protocol, run_dir / FIGURES["calibration"])
-        if not history.empty:
-            best = {(f["repeat"], f["fold"]): f["best_epoch"] for f in cnn["metrics"]["per_fold"] if "best_epoch" in f}
-            written["curves"] = plot_training_curves(history, run_dir / FIGURES["curves"], best, cnn["name"])
 
-    lines = [f"# Evaluation report: {run_dir.name}", "",
-             f"NC vs MCI from brain FDG-PET, {PROTOCOL_TITLES.get(protocol, protocol)}. "
-             "MCI is the positive class.",
-             ""]
-    banners = _banners(protocol, synthetic, cnn)
-    for b in banners:
-        lines += [b, ""]
-    lines += [f"**Bottom line.** {cnn['name']}: {cnn['metrics']['headline']['text']}."]
-    if reference is not None:
-        lines[-1] += f" {REFERENCE_NAME}: {reference['metrics']['headline']['text']}."
-    lines.append("")
-    lines += _audit_section(audit)
-    config = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
-    lines += _protocol_section(protocol, cnn, folds, config)
-    lines += _results_section(protocol, models)
-    lines += ["## Figures", ""]
+def _write_figures(run_dir: Path, models: list[dict], protocol: str, history: pd.DataFrame) -> dict:
+    """Every figure of the report, written; returns ``{key: path}``."""
+    written = {
+        "roc": plot_roc(models, protocol, run_dir / FIGURES["roc"]),
+        "confusion": plot_confusion(models, protocol, run_dir / FIGURES["confusion"]),
+        "calibration": plot_calibration(models, protocol, run_dir / FIGURES["calibration"]),
+    }
+    if not history.empty:
+        cnn = models[0]
+        best = {(f["repeat"], f["fold"]): f["best_epoch"] for f in cnn["metrics"]["per_fold"] if "best_epoch" in f}
+        written["curves"] = plot_training_curves(history, run_dir / FIGURES["curves"], best, cnn["name"])
+    return written
+
+
+def _figures_section(written: dict) -> list[str]:
+    lines = ["## Figures", ""]
     captions = {
         "roc": "ROC curves: sensitivity against false-positive rate as the threshold moves; the dot is the "
                "threshold actually applied.",
@@ -642,20 +622,23 @@ def build_report(run_dir: str | Path, recompute: bool = False, n_boot: int | Non
     for key in ("roc", "confusion", "calibration"):
         if key in written:
             lines += [f"![{key}]({FIGURES[key]})", "", captions[key], ""]
-    lines += _per_fold_section(models)
-    lines += _per_site_section(models, protocol)
-    lines += ["## Training curves", ""]
+    return lines
+
+
+def _curves_section(history: pd.DataFrame, written: dict) -> list[str]:
+    lines = ["## Training curves", ""]
     if history.empty:
-        lines += ["No per-fold `history.csv` found in this run folder.", ""]
-    else:
-        epochs = history.groupby(["repeat", "fold"])["epoch"].max()
-        lines += [f"![training curves]({FIGURES['curves']})" if "curves" in written else "", "",
-                  f"{len(epochs)} folds trained {int(epochs.min())}-{int(epochs.max())} epochs; each fold keeps the "
-                  "epoch with the best validation ROC AUC (star). Validation subjects come from the training side "
-                  "of the fold, never from its test scans. A validation AUC far above the test AUC means the epoch "
-                  "choice overfitted the small validation set.", ""]
-    lines += _glossary()
-    lines += ["## Provenance", ""]
+        return lines + ["No per-fold `history.csv` found in this run folder.", ""]
+    epochs = history.groupby(["repeat", "fold"])["epoch"].max()
+    return lines + [f"![training curves]({FIGURES['curves']})" if "curves" in written else "", "",
+                    f"{len(epochs)} folds trained {int(epochs.min())}-{int(epochs.max())} epochs; each fold keeps the "
+                    "epoch with the best validation ROC AUC (star). Validation subjects come from the training side "
+                    "of the fold, never from its test scans. A validation AUC far above the test AUC means the epoch "
+                    "choice overfitted the small validation set.", ""]
+
+
+def _provenance_section(provenance: dict, reference: dict | None) -> list[str]:
+    lines = ["## Provenance", ""]
     for key in ("created", "command", "git_commit", "data_fingerprint_sha256", "device"):
         if provenance.get(key):
             lines.append(f"- {key}: `{provenance[key]}`")
@@ -665,8 +648,49 @@ def build_report(run_dir: str | Path, recompute: bool = False, n_boot: int | Non
                      f"PCA {settings.get('n_components', '?')} components, "
                      f"logistic regression C={settings.get('C', '?')}; "
                      "fitted on each fold's training subjects")
-    lines += ["- files: `metrics.json`, `oof_predictions.csv`, `val_predictions.csv`, `folds.csv`"
-              + (", `reference/`" if reference is not None else ""), ""]
+    return lines + ["- files: `metrics.json`, `oof_predictions.csv`, `val_predictions.csv`, `folds.csv`"
+                    + (", `reference/`" if reference is not None else ""), ""]
+
+
+def build_report(run_dir: str | Path, recompute: bool = False, n_boot: int | None = None,
+                 figures: bool = True) -> Path:
+    """Write ``report.md`` and the figures into ``run_dir``; returns the report's path.
+
+    ``recompute``: recompute the metrics from the prediction files instead of reading
+    ``metrics.json`` (with ``n_boot`` bootstrap replicates). ``figures=False`` writes the Markdown only.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise PetmonaiError(f"{run_dir}: run folder not found")
+    models = _run_models(run_dir, recompute, n_boot)
+    cnn, reference = models[0], (models[1] if len(models) > 1 else None)
+    protocol = cnn["metrics"].get("protocol", "subject")
+    audit = _read_json(run_dir / "audit.json")
+    provenance = _read_json(run_dir / "provenance.json") or {}
+    synthetic = bool(provenance.get("synthetic_data") or (audit or {}).get("synthetic"))
+    history = _histories(run_dir)
+    written = _write_figures(run_dir, models, protocol, history) if figures else {}
+
+    lines = [f"# Evaluation report: {run_dir.name}", "",
+             f"NC vs MCI from brain FDG-PET, {PROTOCOL_TITLES.get(protocol, protocol)}. "
+             "MCI is the positive class.",
+             ""]
+    for b in _banners(protocol, synthetic, cnn):
+        lines += [b, ""]
+    lines += [f"**Bottom line.** {cnn['name']}: {cnn['metrics']['headline']['text']}."]
+    if reference is not None:
+        lines[-1] += f" {REFERENCE_NAME}: {reference['metrics']['headline']['text']}."
+    lines.append("")
+    lines += _audit_section(audit)
+    config = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    lines += _protocol_section(protocol, cnn, _read_csv(run_dir / "folds.csv"), config)
+    lines += _results_section(protocol, models)
+    lines += _figures_section(written)
+    lines += _per_fold_section(models)
+    lines += _per_site_section(models, protocol)
+    lines += _curves_section(history, written)
+    lines += _glossary()
+    lines += _provenance_section(provenance, reference)
     path = atomic_write_text(run_dir / "report.md", "\n".join(lines))
     log.info("report written: %s", path)
     return path
