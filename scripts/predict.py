@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Predict NC vs MCI for new brain FDG-PET volumes with a trained run's fold ensemble.
+"""Predict the run's two classes (NC vs MCI by default) for new brain FDG-PET volumes with its fold ensemble.
 
     python scripts/predict.py --run-dir runs/real --input ../shared/data/pet2023/Test --output out/submission.csv
 
@@ -21,7 +21,8 @@ def parse_args(argv=None):
                     "training run, its own preprocessing and test-time augmentation (sliding windows x flips).")
     p.add_argument("--run-dir", type=Path, required=True, help="training run folder (scripts/train3d.py --output-dir)")
     p.add_argument("--input", nargs="+", required=True, metavar="DIR_OR_FILE",
-                   help="folder(s) of <uuid>.nii[.gz] files and/or single files")
+                   help="folder(s) of <uuid>.nii[.gz] files, a BIDS dataset (every PET file of the run's tracer) "
+                        "and/or single files")
     p.add_argument("--output", type=Path, default=Path("submission.csv"),
                    help="submission CSV; probabilities.csv, prediction_provenance.json, skipped.csv and saliency/ "
                         "go into the same folder (default: ./submission.csv)")
@@ -38,15 +39,15 @@ def parse_args(argv=None):
     g.add_argument("--flips", default=None,
                    help="test-time flips: none, lr (left-right, default), all (8), or axis combinations like 0,1,0+1")
     g.add_argument("--folds", default=None, help="comma-separated fold numbers to use (default: all)")
-    g.add_argument("--threshold", type=float, default=None, help="decision threshold on P(MCI) (default: the run's)")
+    g.add_argument("--threshold", type=float, default=None, help="decision threshold on the positive class's probability (default: the run's)")
     g.add_argument("--batch-size", type=int, default=None, help="views per forward pass")
     g.add_argument("--device", default=None, help="auto | cpu | cuda")
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's); 1 is often faster on a CPU shared with other jobs")
     g.add_argument("--amp", choices=["auto", "true", "false"], default=None,
                    help="auto: autocast on CUDA, fp32 on CPU; true: also bf16 on a CPU that has it; false: fp32")
-    g.add_argument("--saliency-class", choices=["MCI", "NC", "predicted"], default=None,
-                   help="class whose evidence Grad-CAM maps (default: the predicted label)")
+    g.add_argument("--saliency-class", default=None,
+                   help="class whose evidence Grad-CAM maps: one of the run's classes, or predicted (the default)")
     g.add_argument("--saliency-layer", default=None, help="Grad-CAM target layer (default: by model, features.block4 of the 3D SFCN, layer3 of a ResNet)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="inference.KEY=VALUE",
                    help="any inference option, e.g. --set inference.workers=1 (repeatable)")

@@ -31,11 +31,12 @@ both classes. ``notes`` holds facts that constrain how to evaluate (repeated sub
 Test subjects seen in Train, Test sites unseen in Train).
 
 Separability: for every header property the in-sample ROC AUC of the property as a
-predictor of the label (MCI = positive) is computed on the labelled Train scans. A
-categorical property scores each value by its MCI fraction; a continuous one uses the value
+predictor of the label (the positive class, MCI by default, = 1) is computed on the labelled Train
+scans. A categorical property scores each value by its positive fraction; a continuous one uses the value
 itself; the AUC is reported as ``max(auc, 1 - auc)`` so 0.5 means "uninformative" and 1.0
 means "separates the classes". The property list is open: pass ``properties`` to add columns
-(e.g. intensity statistics) to the check.
+(e.g. intensity statistics) to the check. A BIDS datalist's ``tracer`` is checked too, and its scans
+are named by subject and session (the Test uuid check of the challenge's submission does not apply).
 """
 
 from __future__ import annotations
@@ -89,6 +90,12 @@ DEFAULT_PROPERTIES: dict[str, str] = {
 
 
 """Header properties checked by default: column name -> ``categorical`` or ``continuous``."""
+
+
+OPTIONAL_PROPERTIES: dict[str, str] = {"tracer": "categorical"}
+
+
+"""Checked by default when the datalist has the column (a BIDS datalist: :data:`petmonai.data.discover.BIDS_COLUMNS`)."""
 
 
 REQUIRED_COLUMNS = ("image", "uuid", "split", "class_name", "label", "subject", "subject_source")
@@ -168,7 +175,7 @@ def _normalise_properties(df: pd.DataFrame, properties) -> tuple[dict[str, str],
     """``{column: kind}`` and the default columns skipped because the datalist lacks them."""
     skipped: list[str] = []
     if properties is None:
-        props = {c: k for c, k in DEFAULT_PROPERTIES.items() if c in df.columns}
+        props = {c: k for c, k in {**DEFAULT_PROPERTIES, **OPTIONAL_PROPERTIES}.items() if c in df.columns}
         skipped = [c for c in DEFAULT_PROPERTIES if c not in df.columns]
         return props, skipped
     if isinstance(properties, str):
@@ -202,12 +209,15 @@ def _normalise_properties(df: pd.DataFrame, properties) -> tuple[dict[str, str],
     return props, skipped
 
 
-def property_separability(df: pd.DataFrame, column: str, kind: str, threshold: float = AUC_WARN) -> dict:
+def property_separability(df: pd.DataFrame, column: str, kind: str, threshold: float = AUC_WARN,
+                          classes=None) -> dict:
     """In-sample ROC AUC of one property as a predictor of the label, on labelled rows.
 
     ``df`` holds the labelled Train rows (``label`` 0/1). Rows where the property is missing
-    are left out (``n_scans`` says how many were used).
+    are left out (``n_scans`` says how many were used). ``classes``: the names of labels 0 and 1
+    (default: :func:`datalist_classes` of ``df``).
     """
+    classes = datalist_classes(df) if classes is None else tuple(classes)
     labels = pd.to_numeric(df["label"], errors="coerce")
     keep = labels.isin([0, 1])
     entry: dict = {"property": column, "kind": kind}
@@ -222,7 +232,7 @@ def property_separability(df: pd.DataFrame, column: str, kind: str, threshold: f
         for value in sorted(values.unique(), key=lambda v: (-int((values == v).sum()), v)):
             sel = values == value
             table[str(value)] = {
-                name: int(((y == i) & sel).sum()) for i, name in enumerate(CLASS_NAMES)
+                name: int(((y == i) & sel).sum()) for i, name in enumerate(classes)
             }
         entry["values"] = table
         entry["n_values"] = len(table)
@@ -242,10 +252,10 @@ def property_separability(df: pd.DataFrame, column: str, kind: str, threshold: f
         entry["ranges"] = {
             name: ([_round(values[y == i].min()), _round(values[y == i].max())]
                    if (y == i).any() else None)
-            for i, name in enumerate(CLASS_NAMES)
+            for i, name in enumerate(classes)
         }
         if auc is not None:
-            entry["direction"] = f"higher in {CLASS_NAMES[1] if auc >= 0.5 else CLASS_NAMES[0]}"
+            entry["direction"] = f"higher in {classes[1] if auc >= 0.5 else classes[0]}"
     entry["n_scans"] = int(keep.sum())
     if auc is None:
         entry.update(auc=None, separates=False, warn=False)
@@ -299,7 +309,8 @@ def _normalised(df: pd.DataFrame) -> pd.DataFrame:
 
 def _header_counts(part: pd.DataFrame, entry: dict) -> dict:
     """``entry`` with the data types, shapes, slice counts and voxel sizes of ``part`` added."""
-    for col, key in (("dtype", "dtypes"), ("shape", "shapes"), ("n_slices", "n_slices")):
+    for col, key in (("dtype", "dtypes"), ("shape", "shapes"), ("n_slices", "n_slices"), ("tracer", "tracers"),
+                     ("session", "sessions")):
         if col in part.columns and len(part):
             entry[key] = _counts(part[col])
     voxels = {c: _range(part[c]) for c in ("voxel_x", "voxel_y", "voxel_z") if c in part.columns}
@@ -342,8 +353,10 @@ def _test_entry(df: pd.DataFrame, test: pd.DataFrame, warnings: list[str], notes
         "subjects_unknown_id": int((test["subject_source"] == "file").sum()),
         "sites": _counts(test["site"]) if len(test) else {},
     })
-    # the submission has one row per Test file, keyed by the integer uuid of its name
-    bad_uuid = [str(i) for u, i in zip(_as_text(test["uuid"]), test["image"]) if not (u.isascii() and u.isdigit())]
+    # the challenge's submission has one row per Test file, keyed by the integer uuid of its name (BIDS scans
+    # are named by subject and session instead)
+    bad_uuid = [] if "session" in df.columns else [
+        str(i) for u, i in zip(_as_text(test["uuid"]), test["image"]) if not (u.isascii() and u.isdigit())]
     entry["non_integer_uuid"] = bad_uuid
     if bad_uuid:
         warnings.append(
@@ -474,11 +487,12 @@ def _unknown_subjects(df: pd.DataFrame, warnings: list[str]) -> dict:
 
 
 def _separability(labelled: pd.DataFrame, train: pd.DataFrame, test: pd.DataFrame, props: dict,
-                  threshold: float, site_confounded: bool, warnings: list[str], notes: list[str]) -> list[dict]:
+                  threshold: float, site_confounded: bool, warnings: list[str], notes: list[str],
+                  classes: tuple[str, str]) -> list[dict]:
     """:func:`property_separability` of every property, with its warnings and notes."""
     separability = []
     for col, kind in props.items():
-        entry = property_separability(labelled, col, kind, threshold)
+        entry = property_separability(labelled, col, kind, threshold, classes)
         separability.append(entry)
         if entry["warn"]:
             if not (col == "site" and site_confounded):  # else already said, louder, above
@@ -501,12 +515,22 @@ def _separability(labelled: pd.DataFrame, train: pd.DataFrame, test: pd.DataFram
     return separability
 
 
-def audit_datalist(df: pd.DataFrame, properties=None, auc_threshold: float | None = None) -> dict:
+def datalist_classes(df: pd.DataFrame) -> tuple[str, str]:
+    """The names of labels 0 and 1 as the datalist's rows give them (``class N`` for a label no row has)."""
+    names = {}
+    for label, name in zip(pd.to_numeric(df["label"], errors="coerce"), df["class_name"]):
+        if label in (0, 1) and not _is_missing(name):
+            names.setdefault(int(label), str(name).strip())
+    return names.get(0, "class 0"), names.get(1, "class 1")
+
+
+def audit_datalist(df: pd.DataFrame, properties=None, auc_threshold: float | None = None, classes=None) -> dict:
     """Audit a datalist (see :mod:`petmonai.data.discover`). Returns a JSON-serialisable ``dict``.
 
     ``properties``: columns to test for class separability, a list of names (kind inferred)
     or a mapping ``{column: 'categorical' | 'continuous'}``; default
-    :data:`DEFAULT_PROPERTIES`. ``auc_threshold``: warning level (default 0.8).
+    :data:`DEFAULT_PROPERTIES` (and :data:`OPTIONAL_PROPERTIES` present). ``auc_threshold``: warning
+    level (default 0.8). ``classes``: the run's two classes, negative first (default: as the datalist names them).
     """
     if not isinstance(df, pd.DataFrame):
         raise PetmonaiError(f"audit: expected a pandas DataFrame datalist, got {type(df).__name__}")
@@ -523,22 +547,24 @@ def audit_datalist(df: pd.DataFrame, properties=None, auc_threshold: float | Non
     test = df[df["split"] == "test"]
     warnings: list[str] = []
     notes: list[str] = []
-    class_names = [c for c in CLASS_NAMES if (train["class_name"] == c).any()]
-    class_names += sorted(set(train["class_name"]) - set(CLASS_NAMES) - {""})
-    classes = _class_entries(train, class_names, warnings)
+    classes = datalist_classes(df) if classes is None else tuple(classes)
+    class_names = [c for c in classes if (train["class_name"] == c).any()]
+    class_names += sorted(set(train["class_name"]) - set(classes) - {""})
+    class_entries = _class_entries(train, class_names, warnings)
     test_entry = _test_entry(df, test, warnings, notes)
     repeated = _repeated_subjects(df, warnings, notes)
     test_in_train = _test_in_train(train, test, notes)
     sites, site_confounded = _sites(labelled, train, test, class_names, warnings, notes)
     unknown_entry = _unknown_subjects(df, warnings)
-    separability = _separability(labelled, train, test, props, threshold, site_confounded, warnings, notes)
+    separability = _separability(labelled, train, test, props, threshold, site_confounded, warnings, notes, classes)
     return {
         "audit_version": AUDIT_VERSION,
         "n_scans": int(len(df)),
+        "classes": list(classes),
         "train": {
             "scans": int(len(train)),
             "subjects": int(train["subject"].nunique()),
-            "classes": classes,
+            "classes": class_entries,
         },
         "test": test_entry,
         "repeated_subjects": repeated,
@@ -611,14 +637,19 @@ def _md_counts(report: dict) -> list[str]:
         rows.append([name, _fmt_counts(c.get("dtypes", {})), _fmt_counts(c.get("shapes", {})),
                      _fmt_range(vs.get("voxel_x")), _fmt_range(vs.get("voxel_y")), _fmt_range(vs.get("voxel_z"))])
     out += _md_table(["Split", "Data types", "Shapes", "Voxel x (mm)", "Voxel y (mm)", "Voxel z (mm)"], rows)
+    if any("tracers" in c for c in [*classes.values(), test]):
+        out += ["", "Tracers (BIDS `trc-`) and sessions: " + "; ".join(
+            f"{name}: {_fmt_counts(c.get('tracers', {}))}, {len(c.get('sessions', {}))} session label(s)"
+            for name, c in [*((f"Train {n}", c) for n, c in classes.items()), ("Test", test)])]
     return out + [""]
 
 
 def _md_separability(report: dict) -> list[str]:
+    negative, positive = report.get("classes") or CLASS_NAMES  # an audit.json written before "classes"
     out = ["## Separability of the classes by header property", "",
-           "In-sample ROC AUC of the property alone as a predictor of MCI vs NC on the Train "
+           f"In-sample ROC AUC of the property alone as a predictor of {positive} vs {negative} on the Train "
            "scans (0.5 = uninformative, 1.0 = separates). Categorical values are scored by their "
-           f"MCI fraction. Warning at AUC >= {report.get('auc_threshold', AUC_WARN):g}.", ""]
+           f"{positive} fraction. Warning at AUC >= {report.get('auc_threshold', AUC_WARN):g}.", ""]
     rows = []
     for e in report["separability"]:
         if e["kind"] == "categorical":

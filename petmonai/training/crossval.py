@@ -25,7 +25,7 @@ import torch
 from monai.data import DataLoader, DistributedSampler, ThreadDataLoader
 from monai.utils import set_determinism
 import petmonai.training.distributed as dist
-from petmonai.data import to_items, train_rows
+from petmonai.data import prob_column, run_classes, to_items, train_rows
 from petmonai.data import UntrackedDataset, VolumeCache
 from petmonai.runs import BEST_CHECKPOINT
 from petmonai.models import load_weights
@@ -219,7 +219,7 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
         if dist.world_size() > 1:
             probs = np.asarray(dist.gather_sharded(probs.tolist()), dtype=np.float64)
         preds.append(pd.DataFrame({"repeat": repeat, "fold": fold, "role": role, "scan_id": ids[role],
-                                   "prob_mci": probs}))
+                                   prob_column(run_classes(cfg)): probs}))
     # the kept epoch and its validation AUC: the best one, or (keep=last) the final one
     kept_epoch, kept_auc = trainer.state.epoch, float("nan")
     if evaluator is not None and keep_best:
@@ -245,15 +245,17 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
 
 
 def summarise(predictions: pd.DataFrame, datalist: pd.DataFrame, protocol: str, threshold,
-              fold_info: list[dict], n_boot: int = 2000, seed: int = 0) -> dict:
+              fold_info: list[dict], n_boot: int = 2000, seed: int = 0, classes=None) -> dict:
     """Pooled out-of-fold metrics (per repeat, then averaged), per-fold and per-site metrics, each
     with a 95% CI resampling subjects; ``threshold`` a number or ``'tuned'`` (on each fold's ``val``
-    predictions). See :func:`petmonai.evaluation.metrics.evaluate_cv` for the layout of the result."""
+    predictions); ``classes``: the run's (:func:`petmonai.data.classes.run_classes`). See
+    :func:`petmonai.evaluation.metrics.evaluate_cv` for the layout of the result."""
     return evaluate_cv(predictions, datalist, protocol, threshold, fold_info, n_boot=n_boot, seed=seed,
-                       leaky_protocols=LEAKY_PROTOCOLS)
+                       leaky_protocols=LEAKY_PROTOCOLS, classes=run_classes(None) if classes is None else classes)
 
 
-def preprocessed_check(cache: VolumeCache, train: pd.DataFrame, run_dir: Path, preprocess=None) -> dict:
+def preprocessed_check(cache: VolumeCache, train: pd.DataFrame, run_dir: Path, preprocess=None,
+                       classes=None) -> dict:
     """The audit after preprocessing: does any property of the volumes the network will see (shape,
     intensity range, background, brain fraction) still separate the classes? Writes
     ``preprocessed_check.json`` and warns loudly when one does (the audit did the same for the
@@ -275,7 +277,8 @@ def preprocessed_check(cache: VolumeCache, train: pd.DataFrame, run_dir: Path, p
         volumes = {sid: cache[sid]["image"] for sid in cache.scan_ids}
         corr = template_correlations(volumes, register)
         table["template_correlation"] = table["scan_id"].map(corr)
-        names = dict(zip(table["scan_id"], np.where(labels == 1, "MCI", "NC")))
+        negative, positive = run_classes(None) if classes is None else classes
+        names = dict(zip(table["scan_id"], np.where(labels == 1, positive, negative)))
         registration_montage(volumes, register, run_dir / "registration.png", corr, names)
         registration = {"template_correlation": corr, "min": min(corr.values()), "montage": "registration.png"}
     props = table.drop(columns=["scan_id"]).assign(shape=lambda t: pd.factorize(t["shape"])[0],
@@ -309,7 +312,7 @@ def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path,
         train = train[train["scan_id"].isin(cache.scan_ids)].reset_index(drop=True)
 
     if dist.is_main() and not resume:
-        preprocessed_check(cache, train, run_dir, preprocess)
+        preprocessed_check(cache, train, run_dir, preprocess, run_classes(cfg))
 
     cv = cfg["cv"]
 
@@ -349,7 +352,8 @@ def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path,
     preds = pd.concat(predictions, ignore_index=True)
     rcfg = cfg.get("report") or {}
     n_boot, threshold = int(rcfg.get("bootstrap", 2000)), cfg["train"]["threshold"]
-    metrics = summarise(preds, train, protocol, threshold, fold_info, n_boot=n_boot, seed=int(cfg["seed"]))
+    metrics = summarise(preds, train, protocol, threshold, fold_info, n_boot=n_boot, seed=int(cfg["seed"]),
+                        classes=run_classes(cfg))
     scorer = test_view_scorer(cfg, device)
     metrics["test_views"] = ({"mode": "inference", **scorer.describe(cache[cache.scan_ids[0]]["image"].shape)}
                              if scorer is not None else {"mode": "evaluator"})
