@@ -19,6 +19,13 @@ from petmonai.data.bids import (  # noqa: F401
     write_bids,
 )
 
+from petmonai.data.dicom import (  # noqa: F401
+    check_slices,
+    convert_dicom,
+    find_series,
+    write_pet_series,
+)
+
 from petmonai.data.discover import (  # noqa: F401
     ADNI_SUBJECT,
     BIDS_COLUMNS,
