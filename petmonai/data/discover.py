@@ -42,7 +42,7 @@ import nibabel as nib
 import pandas as pd
 from petmonai import CLASS_NAMES
 from petmonai.data.bids import LABEL_COLUMN, BidsLabels, is_bids, keeps_tracer, pet_files, read_sidecar, sidecar_site
-from petmonai.data.classes import check_classes, parse_label
+from petmonai.data.classes import check_classes, parse_label, run_classes
 from petmonai.errors import DataError, PetmonaiError
 from petmonai.runs import get_logger
 
@@ -77,7 +77,7 @@ def data_options(cfg: dict | None) -> dict:
     """The discovery options of a config's ``data:`` section (``classes``, ``label_column``, ``tracer``), for
     :func:`discover`; a config saved before these keys existed reads the challenge's defaults."""
     data = (cfg or {}).get("data") or {}
-    return {"classes": check_classes(data["classes"]) if data.get("classes") is not None else CLASS_NAMES,
+    return {"classes": run_classes(cfg),
             "label_column": str(data.get("label_column") or LABEL_COLUMN), "tracer": data.get("tracer")}
 
 
