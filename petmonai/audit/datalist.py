@@ -95,7 +95,7 @@ DEFAULT_PROPERTIES: dict[str, str] = {
 OPTIONAL_PROPERTIES: dict[str, str] = {"tracer": "categorical"}
 
 
-"""Checked by default when the datalist has the column (a BIDS datalist: :data:`petmonai.data.discover.BIDS_COLUMNS`)."""
+"""Checked by default when the datalist has the column (BIDS: :data:`petmonai.data.discover.BIDS_COLUMNS`)."""
 
 
 REQUIRED_COLUMNS = ("image", "uuid", "split", "class_name", "label", "subject", "subject_source")

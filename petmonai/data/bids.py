@@ -23,8 +23,8 @@ one row per PET file; here a synthetic cohort written as BIDS by :func:`write_bi
     4  sub-153S9667_ses-01_trc-FDG  train        MCI  sub-153S9667      01    FDG
     >>> tmp.cleanup()
 
-Reading (:func:`petmonai.data.discover.discover_bids`, through ``discover``): the subject (``sub-<id>``, the ``subject`` column, which groups the folds) and session come
-from the entities. The class comes from ``participants.tsv`` (per subject) or the subject's
+Reading (:func:`petmonai.data.discover.discover_bids`, through ``discover``): the subject
+(``sub-<id>``, the ``subject`` column, which groups the folds) and session come from the entities. The class comes from ``participants.tsv`` (per subject) or the subject's
 ``sub-<id>_sessions.tsv`` (per session), column ``diagnosis`` by default (``data.label_column``);
 sessions without a label (empty or ``n/a``) form the prediction set (``split`` ``test``). The site
 comes from a ``site`` column (sessions, then participants), else from the sidecar
@@ -228,8 +228,8 @@ def _plan_bids(datalist: pd.DataFrame, tracer: str | None, rename: dict) -> pd.D
                         for s, src, sid in zip(plan["subject"], plan["subject_source"], plan["scan_id"])]
     clash = plan.groupby("bids_sub")["subject"].nunique()
     if (clash > 1).any():
-        raise PetmonaiError(f"subjects {sorted(plan.loc[plan['bids_sub'] == clash[clash > 1].index[0], 'subject'].unique())} "
-                            "become one BIDS label; rename them first")
+        merged = sorted(plan.loc[plan["bids_sub"] == clash[clash > 1].index[0], "subject"].unique())
+        raise PetmonaiError(f"subjects {merged} become one BIDS label; rename them first")
     plan["bids_ses"] = plan.groupby("bids_sub").cumcount() + 1
     width = max(2, len(str(int(plan["bids_ses"].max()))))
     plan["bids_ses"] = plan["bids_ses"].map(lambda n: f"{n:0{width}d}")

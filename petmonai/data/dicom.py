@@ -137,8 +137,9 @@ def check_slices(series: Series, root: Path) -> None:
     if median <= 0 or np.abs(gaps - median).max() > SPACING_TOLERANCE * median:
         worst = int(np.argmax(np.abs(gaps - median)))
         raise DataError(where, f"{series.describe(root)}: uneven slice spacing ({gaps.min():.2f}-{gaps.max():.2f} mm "
-                               f"between neighbours, median {median:.2f} mm; e.g. {gaps[worst]:.2f} mm after the slice "
-                               f"at {positions[worst]:.1f} mm): missing or duplicate slices; re-export the whole series")
+                               f"between neighbours, median {median:.2f} mm; e.g. {gaps[worst]:.2f} mm after the "
+                               f"slice at {positions[worst]:.1f} mm): missing or duplicate slices; re-export the "
+                               "whole series")
 
 
 def tracer_label(series: Series) -> str:

@@ -384,7 +384,8 @@ PROTOCOL_TEXT = {
         "caveat that every test site was also seen in training, so a model may still win by recognising "
         "the scanner."),
     "site-pair": (
-        "Cross-site: each fold holds out one site that has only {positive} scans and one that has only {negative} scans "
+        "Cross-site: each fold holds out one site that has only {positive} scans and one that has only {negative} "
+        "scans "
         "(all such pairs), and trains on the other sites. The model never saw the test scanners. ROC AUC is "
         "computed inside each fold and summarised as mean, sd and min over folds; pooling predictions "
         "across site-pair folds is not meaningful (a scan is tested in several folds, and scores from "
@@ -432,7 +433,8 @@ def _per_fold(test: pd.DataFrame, thresholds: dict, fold_info: list[dict] | None
             "repeat": key[0], "fold": key[1],
             "test_sites": " ".join(sorted(set(part["site"].astype(str)) - {""})),
             "n_subjects": int(part["subject"].nunique()),
-            count_key(classes, 1): int((part["label"] == 1).sum()), count_key(classes, 0): int((part["label"] == 0).sum()),
+            count_key(classes, 1): int((part["label"] == 1).sum()),
+            count_key(classes, 0): int((part["label"] == 0).sum()),
             **m, "threshold_source": thresholds[key]["source"], **extra,
         })
     return per_fold
