@@ -101,7 +101,7 @@ def _train(cfg: dict, config_path, args, prefix: str) -> dict | None:
     log = _rank_logging(run_dir)
     log.info("run folder: %s (config %s, device %s)", run_dir, config_path, device)
 
-    classes = data_options(cfg)["classes"]
+    classes = run_classes(cfg)
 
     def write_inputs():
         datalist, synthetic = prepare_data(cfg, run_dir, log)
