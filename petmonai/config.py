@@ -60,6 +60,9 @@ SCHEMA: dict[str, Any] = {
         "root": _OPT_STR,
         "skip_bad": bool,
         "cache_workers": int,
+        "classes": list,          # the two groups, negative first (petmonai.data.classes)
+        "label_column": str,      # BIDS: participants.tsv / sessions.tsv column of the class (petmonai.data.bids)
+        "tracer": _OPT_STR,       # BIDS: keep the PET files of this trc- entity; null = all
         "synthetic": {"n_nc": int, "n_mci": int, "n_test": int, "seed": int, "confounded": bool},
     },
     "cv": {

@@ -168,4 +168,4 @@ def test_spread_and_calibration():
     s = spread([0.2, 0.4, float("nan")])
     assert s["mean"] == pytest.approx(0.3) and s["min"] == 0.2 and s["n"] == 2 and s["n_undefined"] == 1
     table = calibration_bins([0, 0, 1, 1], [0.1, 0.15, 0.85, 0.95], n_bins=5)
-    assert list(table["n"]) == [2, 2] and list(table["observed_mci"]) == [0.0, 1.0]
+    assert list(table["n"]) == [2, 2] and list(table["observed_fraction"]) == [0.0, 1.0]

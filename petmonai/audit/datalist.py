@@ -31,11 +31,12 @@ both classes. ``notes`` holds facts that constrain how to evaluate (repeated sub
 Test subjects seen in Train, Test sites unseen in Train).
 
 Separability: for every header property the in-sample ROC AUC of the property as a
-predictor of the label (MCI = positive) is computed on the labelled Train scans. A
-categorical property scores each value by its MCI fraction; a continuous one uses the value
+predictor of the label (the positive class, MCI by default, = 1) is computed on the labelled Train
+scans. A categorical property scores each value by its positive fraction; a continuous one uses the value
 itself; the AUC is reported as ``max(auc, 1 - auc)`` so 0.5 means "uninformative" and 1.0
 means "separates the classes". The property list is open: pass ``properties`` to add columns
-(e.g. intensity statistics) to the check.
+(e.g. intensity statistics) to the check. A BIDS datalist's ``tracer`` is checked too, and its scans
+are named by subject and session (the Test uuid check of the challenge's submission does not apply).
 """
 
 from __future__ import annotations
@@ -89,6 +90,12 @@ DEFAULT_PROPERTIES: dict[str, str] = {
 
 
 """Header properties checked by default: column name -> ``categorical`` or ``continuous``."""
+
+
+OPTIONAL_PROPERTIES: dict[str, str] = {"tracer": "categorical"}
+
+
+"""Checked by default when the datalist has the column (BIDS: :data:`petmonai.data.discover.BIDS_COLUMNS`)."""
 
 
 REQUIRED_COLUMNS = ("image", "uuid", "split", "class_name", "label", "subject", "subject_source")
@@ -168,7 +175,7 @@ def _normalise_properties(df: pd.DataFrame, properties) -> tuple[dict[str, str],
     """``{column: kind}`` and the default columns skipped because the datalist lacks them."""
     skipped: list[str] = []
     if properties is None:
-        props = {c: k for c, k in DEFAULT_PROPERTIES.items() if c in df.columns}
+        props = {c: k for c, k in {**DEFAULT_PROPERTIES, **OPTIONAL_PROPERTIES}.items() if c in df.columns}
         skipped = [c for c in DEFAULT_PROPERTIES if c not in df.columns]
         return props, skipped
     if isinstance(properties, str):
@@ -202,12 +209,15 @@ def _normalise_properties(df: pd.DataFrame, properties) -> tuple[dict[str, str],
     return props, skipped
 
 
-def property_separability(df: pd.DataFrame, column: str, kind: str, threshold: float = AUC_WARN) -> dict:
+def property_separability(df: pd.DataFrame, column: str, kind: str, threshold: float = AUC_WARN,
+                          classes=None) -> dict:
     """In-sample ROC AUC of one property as a predictor of the label, on labelled rows.
 
     ``df`` holds the labelled Train rows (``label`` 0/1). Rows where the property is missing
-    are left out (``n_scans`` says how many were used).
+    are left out (``n_scans`` says how many were used). ``classes``: the names of labels 0 and 1
+    (default: :func:`datalist_classes` of ``df``).
     """
+    classes = datalist_classes(df) if classes is None else tuple(classes)
     labels = pd.to_numeric(df["label"], errors="coerce")
     keep = labels.isin([0, 1])
     entry: dict = {"property": column, "kind": kind}
@@ -222,7 +232,7 @@ def property_separability(df: pd.DataFrame, column: str, kind: str, threshold: f
         for value in sorted(values.unique(), key=lambda v: (-int((values == v).sum()), v)):
             sel = values == value
             table[str(value)] = {
-                name: int(((y == i) & sel).sum()) for i, name in enumerate(CLASS_NAMES)
+                name: int(((y == i) & sel).sum()) for i, name in enumerate(classes)
             }
         entry["values"] = table
         entry["n_values"] = len(table)
@@ -242,10 +252,10 @@ def property_separability(df: pd.DataFrame, column: str, kind: str, threshold: f
         entry["ranges"] = {
             name: ([_round(values[y == i].min()), _round(values[y == i].max())]
                    if (y == i).any() else None)
-            for i, name in enumerate(CLASS_NAMES)
+            for i, name in enumerate(classes)
         }
         if auc is not None:
-            entry["direction"] = f"higher in {CLASS_NAMES[1] if auc >= 0.5 else CLASS_NAMES[0]}"
+            entry["direction"] = f"higher in {classes[1] if auc >= 0.5 else classes[0]}"
     entry["n_scans"] = int(keep.sum())
     if auc is None:
         entry.update(auc=None, separates=False, warn=False)
@@ -281,23 +291,9 @@ def _property_warning(entry: dict) -> str:
     )
 
 
-def audit_datalist(df: pd.DataFrame, properties=None, auc_threshold: float | None = None) -> dict:
-    """Audit a datalist (see :mod:`petmonai.data.discover`). Returns a JSON-serialisable ``dict``.
-
-    ``properties``: columns to test for class separability, a list of names (kind inferred)
-    or a mapping ``{column: 'categorical' | 'continuous'}``; default
-    :data:`DEFAULT_PROPERTIES`. ``auc_threshold``: warning level (default 0.8).
-    """
-    if not isinstance(df, pd.DataFrame):
-        raise PetmonaiError(f"audit: expected a pandas DataFrame datalist, got {type(df).__name__}")
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise PetmonaiError(f"audit: the datalist lacks column(s) {missing}")
-    if df.empty:
-        raise PetmonaiError("audit: the datalist is empty (no scan found)")
-    props, skipped_props = _normalise_properties(df, properties)
-    threshold = AUC_WARN if auc_threshold is None else float(auc_threshold)
-
+def _normalised(df: pd.DataFrame) -> pd.DataFrame:
+    """The datalist with text columns stripped, labels as integers (-1 unlabelled) and every scan without
+    a subject id as its own subject (``subject_source`` ``file``)."""
     df = df.reset_index(drop=True).copy()
     df["split"] = _as_text(df["split"]).str.lower()
     df["class_name"] = _as_text(df["class_name"])
@@ -305,26 +301,31 @@ def audit_datalist(df: pd.DataFrame, properties=None, auc_threshold: float | Non
     df["subject_source"] = _as_text(df["subject_source"])
     df["label"] = pd.to_numeric(df["label"], errors="coerce").fillna(-1).astype(int)
     df["site"] = _as_text(df["site"]) if "site" in df.columns else ""
-    # a file without subject id is its own subject
     no_id = (df["subject"] == "") | (df["subject_source"] == "file")
     df.loc[df["subject"] == "", "subject"] = "file:" + df["image"].astype(str)
     df["subject_source"] = df["subject_source"].where(~no_id, "file")
-    known = df["subject_source"] != "file"
+    return df
 
-    train = df[df["split"] == "train"]
-    labelled = train[train["label"].isin([0, 1])]
-    test = df[df["split"] == "test"]
-    warnings: list[str] = []
-    notes: list[str] = []
 
-    # --- per class -----------------------------------------------------------------------
-    class_names = [c for c in CLASS_NAMES if (train["class_name"] == c).any()]
-    class_names += sorted(set(train["class_name"]) - set(CLASS_NAMES) - {""})
+def _header_counts(part: pd.DataFrame, entry: dict) -> dict:
+    """``entry`` with the data types, shapes, slice counts and voxel sizes of ``part`` added."""
+    for col, key in (("dtype", "dtypes"), ("shape", "shapes"), ("n_slices", "n_slices"), ("tracer", "tracers"),
+                     ("session", "sessions")):
+        if col in part.columns and len(part):
+            entry[key] = _counts(part[col])
+    voxels = {c: _range(part[c]) for c in ("voxel_x", "voxel_y", "voxel_z") if c in part.columns}
+    if voxels and len(part):
+        entry["voxel_sizes"] = voxels
+    return entry
+
+
+def _class_entries(train: pd.DataFrame, class_names: list[str], warnings: list[str]) -> dict:
+    """Per class: scans, subjects, scans per subject, sites and header properties."""
     classes = {}
     for name in class_names:
         part = train[train["class_name"] == name]
         per_subject = part.groupby("subject").size()
-        entry = {
+        classes[name] = _header_counts(part, {
             "scans": int(len(part)),
             "subjects": int(part["subject"].nunique()),
             "subjects_unknown_id": int((part["subject_source"] == "file").sum()),
@@ -334,37 +335,29 @@ def audit_datalist(df: pd.DataFrame, properties=None, auc_threshold: float | Non
                 "max": int(per_subject.max()),
             },
             "sites": _counts(part["site"]),
-        }
-        for col, key in (("dtype", "dtypes"), ("shape", "shapes"), ("n_slices", "n_slices")):
-            if col in part.columns:
-                entry[key] = _counts(part[col])
-        voxels = {c: _range(part[c]) for c in ("voxel_x", "voxel_y", "voxel_z") if c in part.columns}
-        if voxels:
-            entry["voxel_sizes"] = voxels
-        classes[name] = entry
+        })
     unlabelled_train = train[~train["label"].isin([0, 1])]
     if len(unlabelled_train):
         warnings.append(
             f"WARNING: {len(unlabelled_train)} Train scan(s) have no label "
             f"(e.g. {unlabelled_train['image'].iloc[0]}); they are left out of the audit of classes"
         )
+    return classes
 
-    # --- test ----------------------------------------------------------------------------
-    test_entry = {
+
+def _test_entry(df: pd.DataFrame, test: pd.DataFrame, warnings: list[str], notes: list[str]) -> dict:
+    """The Test scans: counts, sites, header properties, file names that are no integer uuid."""
+    entry = _header_counts(test, {
         "scans": int(len(test)),
         "subjects": int(test["subject"].nunique()),
         "subjects_unknown_id": int((test["subject_source"] == "file").sum()),
         "sites": _counts(test["site"]) if len(test) else {},
-    }
-    for col, key in (("dtype", "dtypes"), ("shape", "shapes"), ("n_slices", "n_slices")):
-        if col in test.columns and len(test):
-            test_entry[key] = _counts(test[col])
-    voxels = {c: _range(test[c]) for c in ("voxel_x", "voxel_y", "voxel_z") if c in test.columns}
-    if voxels and len(test):
-        test_entry["voxel_sizes"] = voxels
-    # the submission has one row per Test file, keyed by the integer uuid of its name
-    bad_uuid = [str(i) for u, i in zip(_as_text(test["uuid"]), test["image"]) if not (u.isascii() and u.isdigit())]
-    test_entry["non_integer_uuid"] = bad_uuid
+    })
+    # the challenge's submission has one row per Test file, keyed by the integer uuid of its name (BIDS scans
+    # are named by subject and session instead)
+    bad_uuid = [] if "session" in df.columns else [
+        str(i) for u, i in zip(_as_text(test["uuid"]), test["image"]) if not (u.isascii() and u.isdigit())]
+    entry["non_integer_uuid"] = bad_uuid
     if bad_uuid:
         warnings.append(
             f"WARNING: {len(bad_uuid)} Test file(s) are not named <integer uuid>.nii[.gz] "
@@ -377,10 +370,13 @@ def audit_datalist(df: pd.DataFrame, properties=None, auc_threshold: float | Non
     if other_splits:
         notes.append(f"NOTE: rows with split {other_splits} are neither train nor test and are "
                      "only counted in the subject checks")
+    return entry
 
-    # --- repeated subjects ---------------------------------------------------------------
+
+def _repeated_subjects(df: pd.DataFrame, warnings: list[str], notes: list[str]) -> list[dict]:
+    """Subjects (with a known id) that have more than one scan, most scans first."""
     repeated = []
-    for subject, part in df[known].groupby("subject", sort=True):
+    for subject, part in df[df["subject_source"] != "file"].groupby("subject", sort=True):
         if len(part) < 2:
             continue
         repeated.append({
@@ -401,18 +397,19 @@ def audit_datalist(df: pd.DataFrame, properties=None, auc_threshold: float | Non
             f"NOTE: {n_train_repeated} subject(s) have more than one Train scan: cross-validation "
             "must group folds by subject, or the same person is in training and validation"
         )
-    both = [r for r in repeated if len(r["classes"]) > 1]
-    for r in both:
-        warnings.append(
-            f"WARNING: subject {r['subject']} has Train scans in several classes "
-            f"({', '.join(r['classes'])}): conflicting labels for one person"
-        )
+    for r in repeated:
+        if len(r["classes"]) > 1:
+            warnings.append(
+                f"WARNING: subject {r['subject']} has Train scans in several classes "
+                f"({', '.join(r['classes'])}): conflicting labels for one person"
+            )
+    return repeated
 
-    # --- test scans whose subject is in train ------------------------------------------
+
+def _test_in_train(train: pd.DataFrame, test: pd.DataFrame, notes: list[str]) -> list[dict]:
+    """Test scans whose subject (a known id) also has Train scans."""
     train_known = train[train["subject_source"] != "file"]
-    train_by_subject = {
-        s: part for s, part in train_known.groupby("subject", sort=False)
-    }
+    train_by_subject = {s: part for s, part in train_known.groupby("subject", sort=False)}
     test_in_train = []
     for row in test[test["subject_source"] != "file"].itertuples(index=False):
         part = train_by_subject.get(row.subject)
@@ -430,8 +427,12 @@ def audit_datalist(df: pd.DataFrame, properties=None, auc_threshold: float | Non
             f"NOTE: {len(test_in_train)} Test scan(s) belong to subjects that are in Train "
             "(other visits of the same person): Test results on them overstate generalisation"
         )
+    return test_in_train
 
-    # --- sites -----------------------------------------------------------------------------
+
+def _sites(labelled: pd.DataFrame, train: pd.DataFrame, test: pd.DataFrame, class_names: list[str],
+           warnings: list[str], notes: list[str]) -> tuple[dict, bool]:
+    """Sites per class, sites with both classes, Test-only sites; ``(entry, site_confounded)``."""
     site_known = labelled[labelled["site"] != ""]
     site_classes = site_known.groupby("site")["label"].agg(lambda s: set(s))
     sites_both = sorted(str(s) for s, labs in site_classes.items() if labs >= {0, 1})
@@ -464,26 +465,34 @@ def audit_datalist(df: pd.DataFrame, properties=None, auc_threshold: float | Non
             f"NOTE: Test holds site(s) absent from Train: {' '.join(test_only_sites)} "
             f"({int(test['site'].isin(test_only_sites).sum())} Test scans)"
         )
+    entry = {"by_class": sites_by_class, "with_both_classes": sites_both,
+             "test_absent_from_train": test_only_sites, "train_unknown": n_site_unknown}
+    return entry, site_confounded
 
-    # --- unknown subjects ------------------------------------------------------------------
+
+def _unknown_subjects(df: pd.DataFrame, warnings: list[str]) -> dict:
     unknown = df[df["subject_source"] == "file"]
-    unknown_entry = {
-        "count": int(len(unknown)),
-        "by_split": {str(k): int(v) for k, v in unknown["split"].value_counts().sort_index().items()},
-        "files": [str(i) for i in unknown["image"]],
-        "warning": NO_DB_NAME if len(unknown) else "",
-    }
     if len(unknown):
         warnings.append(
             f"WARNING: {len(unknown)} scan(s) have no subject id ({NO_DB_NAME}); repeated scans "
             "of one person cannot be grouped and may leak between folds. Give a CSV datalist "
             "with a subject column"
         )
+    return {
+        "count": int(len(unknown)),
+        "by_split": {str(k): int(v) for k, v in unknown["split"].value_counts().sort_index().items()},
+        "files": [str(i) for i in unknown["image"]],
+        "warning": NO_DB_NAME if len(unknown) else "",
+    }
 
-    # --- separability ------------------------------------------------------------------------
+
+def _separability(labelled: pd.DataFrame, train: pd.DataFrame, test: pd.DataFrame, props: dict,
+                  threshold: float, site_confounded: bool, warnings: list[str], notes: list[str],
+                  classes: tuple[str, str]) -> list[dict]:
+    """:func:`property_separability` of every property, with its warnings and notes."""
     separability = []
     for col, kind in props.items():
-        entry = property_separability(labelled, col, kind, threshold)
+        entry = property_separability(labelled, col, kind, threshold, classes)
         separability.append(entry)
         if entry["warn"]:
             if not (col == "site" and site_confounded):  # else already said, louder, above
@@ -503,24 +512,64 @@ def audit_datalist(df: pd.DataFrame, properties=None, auc_threshold: float | Non
                 n = int(_as_text(test[col]).isin(unseen).sum())
                 notes.append(f"NOTE: {col}: Test holds value(s) absent from Train: "
                              f"{' '.join(unseen)} ({n} Test scans)")
+    return separability
 
-    report = {
+
+def datalist_classes(df: pd.DataFrame) -> tuple[str, str]:
+    """The names of labels 0 and 1 as the datalist's rows give them (``class N`` for a label no row has)."""
+    names = {}
+    for label, name in zip(pd.to_numeric(df["label"], errors="coerce"), df["class_name"]):
+        if label in (0, 1) and not _is_missing(name):
+            names.setdefault(int(label), str(name).strip())
+    return names.get(0, "class 0"), names.get(1, "class 1")
+
+
+def audit_datalist(df: pd.DataFrame, properties=None, auc_threshold: float | None = None, classes=None) -> dict:
+    """Audit a datalist (see :mod:`petmonai.data.discover`). Returns a JSON-serialisable ``dict``.
+
+    ``properties``: columns to test for class separability, a list of names (kind inferred)
+    or a mapping ``{column: 'categorical' | 'continuous'}``; default
+    :data:`DEFAULT_PROPERTIES` (and :data:`OPTIONAL_PROPERTIES` present). ``auc_threshold``: warning
+    level (default 0.8). ``classes``: the run's two classes, negative first (default: as the datalist names them).
+    """
+    if not isinstance(df, pd.DataFrame):
+        raise PetmonaiError(f"audit: expected a pandas DataFrame datalist, got {type(df).__name__}")
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise PetmonaiError(f"audit: the datalist lacks column(s) {missing}")
+    if df.empty:
+        raise PetmonaiError("audit: the datalist is empty (no scan found)")
+    props, skipped_props = _normalise_properties(df, properties)
+    threshold = AUC_WARN if auc_threshold is None else float(auc_threshold)
+    df = _normalised(df)
+    train = df[df["split"] == "train"]
+    labelled = train[train["label"].isin([0, 1])]
+    test = df[df["split"] == "test"]
+    warnings: list[str] = []
+    notes: list[str] = []
+    classes = datalist_classes(df) if classes is None else tuple(classes)
+    class_names = [c for c in classes if (train["class_name"] == c).any()]
+    class_names += sorted(set(train["class_name"]) - set(classes) - {""})
+    class_entries = _class_entries(train, class_names, warnings)
+    test_entry = _test_entry(df, test, warnings, notes)
+    repeated = _repeated_subjects(df, warnings, notes)
+    test_in_train = _test_in_train(train, test, notes)
+    sites, site_confounded = _sites(labelled, train, test, class_names, warnings, notes)
+    unknown_entry = _unknown_subjects(df, warnings)
+    separability = _separability(labelled, train, test, props, threshold, site_confounded, warnings, notes, classes)
+    return {
         "audit_version": AUDIT_VERSION,
         "n_scans": int(len(df)),
+        "classes": list(classes),
         "train": {
             "scans": int(len(train)),
             "subjects": int(train["subject"].nunique()),
-            "classes": classes,
+            "classes": class_entries,
         },
         "test": test_entry,
         "repeated_subjects": repeated,
         "test_in_train": test_in_train,
-        "sites": {
-            "by_class": sites_by_class,
-            "with_both_classes": sites_both,
-            "test_absent_from_train": test_only_sites,
-            "train_unknown": n_site_unknown,
-        },
+        "sites": sites,
         "unknown_subjects": unknown_entry,
         "separability": separability,
         "auc_threshold": threshold,
@@ -528,7 +577,6 @@ def audit_datalist(df: pd.DataFrame, properties=None, auc_threshold: float | Non
         "warnings": warnings,
         "notes": notes,
     }
-    return report
 
 
 def _md_escape(text) -> str:
@@ -555,11 +603,9 @@ def _fmt_range(r: Mapping | None) -> str:
     return f"{r['min']:g}-{r['max']:g} ({len(r['values'])} values)"
 
 
-def audit_markdown(report: dict) -> str:
-    """The report as a Markdown document: warnings first, then tables."""
-    out: list[str] = ["# Data audit", ""]
+def _md_warnings(report: dict) -> list[str]:
+    out = ["## Warnings", ""]
     warnings = report.get("warnings", [])
-    out += ["## Warnings", ""]
     if warnings:
         for w in warnings:
             out += [f"> **{_md_escape(w)}**", ">"]
@@ -570,10 +616,13 @@ def audit_markdown(report: dict) -> str:
     notes = report.get("notes", [])
     if notes:
         out += ["## Notes", ""] + [f"- {_md_escape(n)}" for n in notes] + [""]
+    return out
 
-    classes = report["train"]["classes"]
-    test = report["test"]
-    out += ["## Scans and subjects", ""]
+
+def _md_counts(report: dict) -> list[str]:
+    """Scans and subjects per class and in Test, then their header properties."""
+    classes, test = report["train"]["classes"], report["test"]
+    out = ["## Scans and subjects", ""]
     rows = []
     for name, c in classes.items():
         sps = c["scans_per_subject"]
@@ -581,26 +630,26 @@ def audit_markdown(report: dict) -> str:
                      f"{sps['min']} / {sps['mean']:g} / {sps['max']}", _fmt_counts(c["sites"])])
     rows.append(["Test", test["scans"], test["subjects"], "", _fmt_counts(test["sites"])])
     out += _md_table(["Split", "Scans", "Subjects", "Scans per subject (min/mean/max)", "Sites (scans)"], rows)
-    out.append("")
-
-    out += ["## Header properties per class", ""]
+    out += ["", "## Header properties per class", ""]
     rows = []
-    for name, c in classes.items():
+    for name, c in [*((f"Train {n}", c) for n, c in classes.items()), ("Test", test)]:
         vs = c.get("voxel_sizes", {})
-        rows.append([f"Train {name}", _fmt_counts(c.get("dtypes", {})), _fmt_counts(c.get("shapes", {})),
-                     _fmt_range(vs.get("voxel_x")), _fmt_range(vs.get("voxel_y")),
-                     _fmt_range(vs.get("voxel_z"))])
-    vs = test.get("voxel_sizes", {})
-    rows.append(["Test", _fmt_counts(test.get("dtypes", {})), _fmt_counts(test.get("shapes", {})),
-                 _fmt_range(vs.get("voxel_x")), _fmt_range(vs.get("voxel_y")),
-                 _fmt_range(vs.get("voxel_z"))])
+        rows.append([name, _fmt_counts(c.get("dtypes", {})), _fmt_counts(c.get("shapes", {})),
+                     _fmt_range(vs.get("voxel_x")), _fmt_range(vs.get("voxel_y")), _fmt_range(vs.get("voxel_z"))])
     out += _md_table(["Split", "Data types", "Shapes", "Voxel x (mm)", "Voxel y (mm)", "Voxel z (mm)"], rows)
-    out.append("")
+    if any("tracers" in c for c in [*classes.values(), test]):
+        out += ["", "Tracers (BIDS `trc-`) and sessions: " + "; ".join(
+            f"{name}: {_fmt_counts(c.get('tracers', {}))}, {len(c.get('sessions', {}))} session label(s)"
+            for name, c in [*((f"Train {n}", c) for n, c in classes.items()), ("Test", test)])]
+    return out + [""]
 
-    out += ["## Separability of the classes by header property", "",
-            "In-sample ROC AUC of the property alone as a predictor of MCI vs NC on the Train "
-            "scans (0.5 = uninformative, 1.0 = separates). Categorical values are scored by their "
-            f"MCI fraction. Warning at AUC >= {report.get('auc_threshold', AUC_WARN):g}.", ""]
+
+def _md_separability(report: dict) -> list[str]:
+    negative, positive = report.get("classes") or CLASS_NAMES  # an audit.json written before "classes"
+    out = ["## Separability of the classes by header property", "",
+           f"In-sample ROC AUC of the property alone as a predictor of {positive} vs {negative} on the Train "
+           "scans (0.5 = uninformative, 1.0 = separates). Categorical values are scored by their "
+           f"{positive} fraction. Warning at AUC >= {report.get('auc_threshold', AUC_WARN):g}.", ""]
     rows = []
     for e in report["separability"]:
         if e["kind"] == "categorical":
@@ -615,16 +664,18 @@ def audit_markdown(report: dict) -> str:
         rows.append([e["property"], e["kind"], auc, flag, e["n_scans"], detail])
     out += _md_table(["Property", "Kind", "AUC", "Flag", "Scans", "Train scans per value / range"], rows)
     out.append("")
-
     sites = report["sites"]
     out += ["## Sites", ""]
     out.append(f"- Sites with both classes: {' '.join(sites['with_both_classes']) or 'none'}")
     for name, s in sites["by_class"].items():
         out.append(f"- Train {name} sites: {' '.join(s) or '-'}")
     out.append(f"- Test sites absent from Train: {' '.join(sites['test_absent_from_train']) or 'none'}")
-    out.append("")
+    return out + [""]
 
-    out += [f"## Subjects with more than one scan ({len(report['repeated_subjects'])})", ""]
+
+def _md_subjects(report: dict) -> list[str]:
+    """Repeated subjects, Test subjects seen in Train, scans without subject id."""
+    out = [f"## Subjects with more than one scan ({len(report['repeated_subjects'])})", ""]
     if report["repeated_subjects"]:
         rows = [[r["subject"], r["n_scans"], " ".join(r["splits"]), " ".join(r["classes"]),
                  ", ".join(f"{f['split']}/{f['class_name'] + '/' if f['class_name'] else ''}{f['uuid']}"
@@ -633,9 +684,7 @@ def audit_markdown(report: dict) -> str:
         out += _md_table(["Subject", "Scans", "Splits", "Classes", "Files"], rows)
     else:
         out.append("None.")
-    out.append("")
-
-    out += [f"## Test scans whose subject is in Train ({len(report['test_in_train'])})", ""]
+    out += ["", f"## Test scans whose subject is in Train ({len(report['test_in_train'])})", ""]
     if report["test_in_train"]:
         rows = [[t["uuid"], t["subject"], " ".join(t["train_classes"]),
                  ", ".join(Path(p).name for p in t["train_files"])]
@@ -643,36 +692,42 @@ def audit_markdown(report: dict) -> str:
         out += _md_table(["Test uuid", "Subject", "Train class", "Train files"], rows)
     else:
         out.append("None.")
-    out.append("")
-
     unk = report["unknown_subjects"]
-    out += [f"## Scans without subject id ({unk['count']})", ""]
+    out += ["", f"## Scans without subject id ({unk['count']})", ""]
     if unk["count"]:
-        out.append(f"{unk['warning']}.")
-        out.append("")
-        out += [f"- {f}" for f in unk["files"][:50]]
+        out += [f"{unk['warning']}.", ""] + [f"- {f}" for f in unk["files"][:50]]
         if unk["count"] > 50:
             out.append(f"- ... and {unk['count'] - 50} more (see audit.json)")
     else:
         out.append("None: every scan has a subject id.")
+    return out + [""]
+
+
+def _md_after_preprocessing(after: dict | None) -> list[str]:
+    if not after:
+        return []
+    out = [f"## After preprocessing (`{after['config']}`)", "",
+           "Class separability (ROC AUC folded to >= 0.5; 0.5 = no information) of simple properties of the "
+           "preprocessed volumes the network sees:", ""]
+    out += _md_table(["Property", "AUC"], [[k, f"{v:.2f}"] for k, v in after["auc"].items()])
     out.append("")
-    after = report.get("after_preprocessing")
-    if after:
-        out += [f"## After preprocessing (`{after['config']}`)", "",
-                "Class separability (ROC AUC folded to >= 0.5; 0.5 = no information) of simple properties of the "
-                "preprocessed volumes the network sees:", ""]
-        out += _md_table(["Property", "AUC"], [[k, f"{v:.2f}"] for k, v in after["auc"].items()])
-        out.append("")
-        out += [f"**WARNING**: {w}" for w in after["warnings"]] or [
-            f"No property separates the classes (every AUC < {after['warn_above']})."]
-        out.append("")
-        reg = after.get("registration")
-        if reg:
-            corr = reg["template_correlation"]
-            worst = sorted(corr.items(), key=lambda kv: kv[1])[:3]
-            out += [f"Registration to the template: correlation with the template {min(corr.values()):.2f}-"
-                    f"{max(corr.values()):.2f} over {len(corr)} scans (lowest: "
-                    + ", ".join(f"{k} {v:.2f}" for k, v in worst) + f"); montage `{reg['montage']}`.", ""]
+    out += [f"**WARNING**: {w}" for w in after["warnings"]] or [
+        f"No property separates the classes (every AUC < {after['warn_above']})."]
+    out.append("")
+    reg = after.get("registration")
+    if reg:
+        corr = reg["template_correlation"]
+        worst = sorted(corr.items(), key=lambda kv: kv[1])[:3]
+        out += [f"Registration to the template: correlation with the template {min(corr.values()):.2f}-"
+                f"{max(corr.values()):.2f} over {len(corr)} scans (lowest: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in worst) + f"); montage `{reg['montage']}`.", ""]
+    return out
+
+
+def audit_markdown(report: dict) -> str:
+    """The report as a Markdown document: warnings first, then tables."""
+    out = ["# Data audit", ""] + _md_warnings(report) + _md_counts(report) + _md_separability(report)
+    out += _md_subjects(report) + _md_after_preprocessing(report.get("after_preprocessing"))
     return "\n".join(out)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from monai.transforms import Compose
 from petmonai.config import build_component, dump_yaml
-from petmonai.data import discover
+from petmonai.data import data_options, discover
 from petmonai.data import describe_failure
 from petmonai.errors import DataError, PetmonaiError
 from petmonai.runs import atomic_write_bytes, atomic_write_csv, atomic_write_text, get_logger
@@ -88,7 +88,7 @@ def export_preprocessed(cfg: dict, out_dir: str | Path, skip_bad: bool = False) 
     if out_dir.resolve() == source_root or source_root in out_dir.resolve().parents:
         raise PetmonaiError(f"{out_dir}: the export must not go into the data root {source_root}")
     unreadable: list[dict] = []
-    datalist = discover(source_root, skip_bad=skip_bad, skipped=unreadable)
+    datalist = discover(source_root, skip_bad=skip_bad, skipped=unreadable, **data_options(cfg))
     preprocess = Compose(build_component(cfg, "preprocess"))
     rows = [{"source": item["image"], "exported": "", "status": f"skipped: {item['problem']}"} for item in unreadable]
     files, exported = {}, []  # every scan is preprocessed before any is written: an error leaves no partial export

@@ -61,7 +61,7 @@ def add_seed(parser, help: str = "random seed (default: the config's)") -> None:
 
 
 def add_inputs(parser, flag: str = "--input", required: bool = True,
-               help: str = "folder(s) of <uuid>.nii[.gz] files and/or single files") -> None:
+               help: str = "folder(s) of <uuid>.nii[.gz] files, a BIDS dataset and/or single files") -> None:
     parser.add_argument(flag, nargs="+", required=required, metavar="DIR_OR_FILE", help=help)
 
 

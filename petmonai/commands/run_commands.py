@@ -67,22 +67,22 @@ def predict_options(p) -> None:
     g.add_argument("--flips", default=None,
                    help="test-time flips: none, lr (left-right, default), all (8), or axis combinations like 0,1,0+1")
     g.add_argument("--folds", default=None, help="comma-separated fold numbers to use (default: all)")
-    g.add_argument("--threshold", type=float, default=None, help="decision threshold on P(MCI) (default: the run's)")
+    g.add_argument("--threshold", type=float, default=None, help="decision threshold on the positive class's probability (default: the run's)")
     g.add_argument("--batch-size", type=int, default=None, help="views per forward pass")
     options.add_device(g)
     g.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's); 1 is often faster on a CPU shared with other jobs")
     g.add_argument("--amp", choices=["auto", "true", "false"], default=None,
                    help="auto: autocast on CUDA, fp32 on CPU; true: also bf16 on a CPU that has it; false: fp32")
-    g.add_argument("--saliency-class", choices=["MCI", "NC", "predicted"], default=None,
-                   help="class whose evidence Grad-CAM maps (default: the predicted label)")
+    g.add_argument("--saliency-class", default=None,
+                   help="class whose evidence Grad-CAM maps: one of the run's classes, or predicted (the default)")
     g.add_argument("--saliency-layer", default=None,
                    help="Grad-CAM target layer (default: by model, features.block4 of the 3D SFCN, layer3 of a ResNet)")
     options.add_set(g, metavar="inference.KEY=VALUE",
                     help="any inference option, e.g. --set inference.workers=1 (repeatable)")
 
 
-@command("predict", "Predict NC vs MCI for new volumes with a run's fold ensemble (the challenge submission).",
+@command("predict", "Predict the run's two classes for new volumes with its fold ensemble (the challenge submission).",
          predict_options,
          description="Write the challenge submission (uuid,label) for NIfTI volumes with every fold model of a "
                      "training run, its own preprocessing and test-time augmentation (sliding windows x flips).")

@@ -14,11 +14,10 @@ import logging
 import time
 from pathlib import Path
 import pandas as pd
-from petmonai import CLASS_NAMES
 import petmonai.training.distributed as dist
 from petmonai.audit import audit_datalist, audit_text, write_audit
 from petmonai.config import default_config_path, dump_yaml, load_config
-from petmonai.data import discover, fingerprint
+from petmonai.data import data_options, discover, fingerprint, run_classes
 from petmonai.device import resolve_device
 from petmonai.errors import PetmonaiError
 from petmonai.runs import atomic_write_csv, atomic_write_json, atomic_write_text, get_logger, keep_template_copy, \
@@ -47,14 +46,15 @@ def prepare_data(cfg: dict, run_dir: Path, log) -> tuple[pd.DataFrame, bool]:
         log.warning(SYNTHETIC_BANNER)
         log.info("synthetic cohort: %s", root)
     skipped: list[dict] = []
-    datalist = discover(root, skip_bad=bool(cfg["data"].get("skip_bad")), skipped=skipped)
+    options = data_options(cfg)
+    datalist = discover(root, skip_bad=bool(cfg["data"].get("skip_bad")), skipped=skipped, **options)
     if skipped:
         atomic_write_csv(run_dir / "skipped_headers.csv", pd.DataFrame(skipped))
         for item in skipped:
             log.warning("skipped %s: %s", item["image"], item["problem"])
         log.warning("skipped %d unreadable file(s), listed in skipped_headers.csv", len(skipped))
     atomic_write_csv(run_dir / "datalist.csv", datalist)
-    report = audit_datalist(datalist)
+    report = audit_datalist(datalist, classes=options["classes"])
     report["synthetic"] = synthetic
     write_audit(report, run_dir)
     for line in audit_text(report).splitlines():
@@ -94,6 +94,8 @@ def _train(cfg: dict, config_path, output_dir, overwrite: bool, prefix: str) -> 
     log = _rank_logging(run_dir)
     log.info("run folder: %s (config %s, device %s)", run_dir, config_path, device)
 
+    classes = run_classes(cfg)
+
     def write_inputs():
         datalist, synthetic = prepare_data(cfg, run_dir, log)
         train_files = datalist.loc[datalist["split"] == "train", "image"]
@@ -105,8 +107,8 @@ def _train(cfg: dict, config_path, output_dir, overwrite: bool, prefix: str) -> 
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
         atomic_write_json(run_dir / "provenance.json", provenance(
             int(cfg["seed"]), fingerprint(train_files),
-            {"config_file": str(config_path), "class_mapping": {name: i for i, name in enumerate(CLASS_NAMES)},
-             "positive_class": "MCI", "synthetic_data": synthetic, "device": str(device),
+            {"config_file": str(config_path), "class_mapping": {name: i for i, name in enumerate(classes)},
+             "positive_class": classes[1], "synthetic_data": synthetic, "device": str(device),
              "processes": dist.world_size(),
              "template_image_sha1": template_sha1}))
         return datalist, synthetic
@@ -179,7 +181,7 @@ def _resume(run_dir: Path, device_name: str | None) -> dict | None:
 
     def read_data():
         root, synthetic = resolve_data_root(cfg)
-        datalist = discover(root, skip_bad=bool(cfg["data"].get("skip_bad")))
+        datalist = discover(root, skip_bad=bool(cfg["data"].get("skip_bad")), **data_options(cfg))
         recorded = json.loads((run_dir / "provenance.json").read_text()).get("data_fingerprint_sha256")
         current = fingerprint(datalist.loc[datalist["split"] == "train", "image"])
         if recorded and recorded != current:
@@ -273,9 +275,9 @@ def preprocessed_audit(config, datalist: pd.DataFrame, overrides=(), out_dir: Pa
     cache = build_cache(cfg, train, preprocess)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        return {"config": str(config), **preprocessed_check(cache, train, Path(out_dir), preprocess)}
+        return {"config": str(config), **preprocessed_check(cache, train, Path(out_dir), preprocess, run_classes(cfg))}
     with tempfile.TemporaryDirectory() as tmp:
-        return {"config": str(config), **preprocessed_check(cache, train, Path(tmp), preprocess)}
+        return {"config": str(config), **preprocessed_check(cache, train, Path(tmp), preprocess, run_classes(cfg))}
 
 
 def audit(data_root: str | Path, output_dir: str | Path | None = None, skip_bad: bool = False, config=None,
@@ -284,8 +286,9 @@ def audit(data_root: str | Path, output_dir: str | Path | None = None, skip_bad:
     ``output_dir``); with ``config``, the same question after its preprocessing."""
     log = setup_logging(None)
     skipped: list[dict] = []
-    datalist = discover(data_root, skip_bad=skip_bad, skipped=skipped)
-    report = audit_datalist(datalist)
+    options = data_options(load_config(config or default_config_path(), list(overrides)))
+    datalist = discover(data_root, skip_bad=skip_bad, skipped=skipped, **options)
+    report = audit_datalist(datalist, classes=options["classes"])
     if skipped:
         report["skipped_files"] = skipped
     if config is not None:

@@ -1,9 +1,38 @@
-"""Data: discovery of a cohort (folder layout, CSV), splits, cached datasets, the synthetic phantom cohort."""
+"""Data: discovery of a cohort (challenge folder layout, CSV, BIDS), its two classes, DICOM conversion, splits,
+cached datasets, the synthetic phantom cohort."""
+
+from petmonai.data.classes import (  # noqa: F401
+    UNLABELLED,
+    check_classes,
+    class_key,
+    count_key,
+    parse_label,
+    prob_column,
+    run_classes,
+)
+
+from petmonai.data.bids import (  # noqa: F401
+    LABEL_COLUMN,
+    bids_label,
+    is_bids,
+    parse_pet_name,
+    write_bids,
+)
+
+from petmonai.data.dicom import (  # noqa: F401
+    check_slices,
+    convert_dicom,
+    find_series,
+    write_pet_series,
+)
 
 from petmonai.data.discover import (  # noqa: F401
     ADNI_SUBJECT,
+    BIDS_COLUMNS,
     CLASS_TO_LABEL,
     COLUMNS,
+    data_options,
+    discover_bids,
     NIFTI_SUFFIXES,
     bad_files_error,
     check_file_size,

@@ -1,4 +1,5 @@
-"""Data discovery: the competition folder layout or a CSV datalist, with header metadata.
+"""Data discovery: the competition folder layout, a CSV datalist or a BIDS dataset
+(:mod:`petmonai.data.bids`), with header metadata.
 
 One row per scan in a pandas DataFrame (the *datalist*). Here of a tiny synthetic cohort
 (:mod:`petmonai.data.synthetic`) in a temporary folder; pass your data folder instead::
@@ -20,9 +21,13 @@ One row per scan in a pandas DataFrame (the *datalist*). Here of a tiny syntheti
     >>> tmp.cleanup()
 
 Columns: ``scan_id`` (``MCI/12``, ``test/7``: stable across machines), ``image`` (absolute path), ``uuid`` (file stem), ``split`` (train/test),
-``class_name`` (NC/MCI, '' for test), ``label`` (MCI = 1, NC = 0, -1 unlabelled),
-``subject``, ``subject_source`` (header/csv/file), ``site``, ``dtype``, ``shape``,
-``n_slices``, ``voxel_x``, ``voxel_y``, ``voxel_z``.
+``class_name`` (one of the run's two ``classes``, NC/MCI by default; '' for test), ``label`` (the
+second, positive class = 1, the first = 0, -1 unlabelled), ``subject``, ``subject_source``
+(header/csv/file/bids), ``site``, ``dtype``, ``shape``, ``n_slices``, ``voxel_x``, ``voxel_y``,
+``voxel_z``; a BIDS datalist adds ``session`` and ``tracer`` (:data:`BIDS_COLUMNS`).
+
+The classes are the config's ``data.classes`` (:func:`data_options`): the challenge layout's class
+folders are ``Train/<negative>`` and ``Train/<positive>``, a CSV's labels are class names or 0/1.
 
 Only headers are read here; voxels are decoded later, once, by the cached preprocessing.
 """
@@ -36,6 +41,8 @@ from pathlib import Path
 import nibabel as nib
 import pandas as pd
 from petmonai import CLASS_NAMES
+from petmonai.data.bids import LABEL_COLUMN, BidsLabels, is_bids, keeps_tracer, pet_files, read_sidecar, sidecar_site
+from petmonai.data.classes import check_classes, parse_label, run_classes
 from petmonai.errors import DataError, PetmonaiError
 from petmonai.runs import get_logger
 
@@ -46,7 +53,9 @@ log = get_logger("data")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
-CLASS_TO_LABEL = {name: i for i, name in enumerate(CLASS_NAMES)}
+CLASS_TO_LABEL = {name: i for i, name in enumerate(CLASS_NAMES)}  # the challenge's classes
+
+
 
 
 ADNI_SUBJECT = re.compile(r"^(\d{3})_S_(\d{4})$")
@@ -56,6 +65,20 @@ COLUMNS = [
     "scan_id", "image", "uuid", "split", "class_name", "label", "subject", "subject_source", "site",
     "dtype", "shape", "n_slices", "voxel_x", "voxel_y", "voxel_z",
 ]
+
+
+BIDS_COLUMNS = ["session", "tracer"]
+
+
+"""Columns a BIDS datalist adds to :data:`COLUMNS` (the ``ses-`` and ``trc-`` entities, '' when absent)."""
+
+
+def data_options(cfg: dict | None) -> dict:
+    """The discovery options of a config's ``data:`` section (``classes``, ``label_column``, ``tracer``), for
+    :func:`discover`; a config saved before these keys existed reads the challenge's defaults."""
+    data = (cfg or {}).get("data") or {}
+    return {"classes": run_classes(cfg),
+            "label_column": str(data.get("label_column") or LABEL_COLUMN), "tracer": data.get("tracer")}
 
 
 def is_nifti(path: Path) -> bool:
@@ -212,7 +235,7 @@ def bad_files_error(bad: list[dict], limit: int = 10) -> DataError:
     return DataError(first["image"], text + "; --skip-bad leaves such files out (and lists them)")
 
 
-def _row(path: Path, split: str, class_name: str, skip_bad: bool, skipped: list) -> dict | None:
+def _row(path: Path, split: str, class_name: str, skip_bad: bool, skipped: list, label: int = -1) -> dict | None:
     try:
         meta = read_header(path)
     except DataError as err:
@@ -228,36 +251,40 @@ def _row(path: Path, split: str, class_name: str, skip_bad: bool, skipped: list)
         "uuid": nifti_stem(path),
         "split": split,
         "class_name": class_name,
-        "label": CLASS_TO_LABEL[class_name] if class_name else -1,
+        "label": label,
         **meta,
     }
 
 
-def discover_layout(root: str | Path, skip_bad: bool = False, skipped: list | None = None) -> pd.DataFrame:
-    """Read the competition layout: ``Train/<NC|MCI>/*.nii[.gz]`` and optional ``Test/*.nii[.gz]``."""
+def discover_layout(root: str | Path, skip_bad: bool = False, skipped: list | None = None,
+                    classes=CLASS_NAMES) -> pd.DataFrame:
+    """Read the competition layout: ``Train/<class>/*.nii[.gz]`` for both ``classes`` (``Train/NC``,
+    ``Train/MCI``) and optional ``Test/*.nii[.gz]``."""
     root = Path(root)
+    classes = check_classes(classes)
     skipped = [] if skipped is None else skipped
     bad: list[dict] = []  # every unreadable file, to name them all in one error
     train = root / "Train"
     if not train.is_dir():
         raise PetmonaiError(
-            f"{root}: no Train/ folder. Expected Train/NC/*.nii[.gz], Train/MCI/*.nii[.gz] "
-            "(and optionally Test/*.nii[.gz]), or pass a CSV datalist with columns image,label"
+            f"{root}: no Train/ folder. Expected Train/{classes[0]}/*.nii[.gz], Train/{classes[1]}/*.nii[.gz] "
+            "(and optionally Test/*.nii[.gz]), a BIDS dataset (dataset_description.json and sub-*/ folders), "
+            "or pass a CSV datalist with columns image,label"
         )
     rows = []
     for folder in sorted(p for p in train.iterdir() if p.is_dir()):
-        if folder.name not in CLASS_TO_LABEL:
+        if folder.name not in classes:
             raise PetmonaiError(
-                f"{folder}: label folder '{folder.name}' is neither of {list(CLASS_NAMES)}; "
-                "rename it or move it out of Train/"
+                f"{folder}: label folder '{folder.name}' is neither of the classes {list(classes)} "
+                "(data.classes); rename it, move it out of Train/ or set --set data.classes=[NEGATIVE,POSITIVE]"
             )
         files = list_nifti(folder)
         if not files:
             raise PetmonaiError(f"{folder}: class folder holds no .nii or .nii.gz file")
-        rows += [_row(f, "train", folder.name, True, bad) for f in files]
-    for name in CLASS_NAMES:
+        rows += [_row(f, "train", folder.name, True, bad, classes.index(folder.name)) for f in files]
+    for name in classes:
         if not (train / name).is_dir():
-            raise PetmonaiError(f"{train / name}: missing class folder (both NC and MCI are needed)")
+            raise PetmonaiError(f"{train / name}: missing class folder (both {classes[0]} and {classes[1]} are needed)")
     test = root / "Test"
     if test.is_dir():
         rows += [_row(f, "test", "", True, bad) for f in list_nifti(test)]
@@ -269,10 +296,12 @@ def discover_layout(root: str | Path, skip_bad: bool = False, skipped: list | No
     return df
 
 
-def read_datalist_csv(csv_path: str | Path, skip_bad: bool = False, skipped: list | None = None) -> pd.DataFrame:
-    """Read a CSV datalist: columns ``image,label`` (label NC/MCI or 0/1; empty = test), optional
+def read_datalist_csv(csv_path: str | Path, skip_bad: bool = False, skipped: list | None = None,
+                      classes=CLASS_NAMES) -> pd.DataFrame:
+    """Read a CSV datalist: columns ``image,label`` (label one of ``classes`` or 0/1; empty = test), optional
     ``subject,site,split``. Relative image paths are taken relative to the CSV file."""
     csv_path = Path(csv_path)
+    classes = check_classes(classes)
     skipped = [] if skipped is None else skipped
     try:
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
@@ -285,12 +314,10 @@ def read_datalist_csv(csv_path: str | Path, skip_bad: bool = False, skipped: lis
     for i, rec in table.iterrows():
         path = Path(rec["image"])
         path = path if path.is_absolute() else (csv_path.parent / path)
-        label = rec["label"].strip()
-        class_name = {"0": "NC", "1": "MCI"}.get(label, label.upper() if label else "")
-        if class_name and class_name not in CLASS_TO_LABEL:
-            raise PetmonaiError(f"{csv_path}, row {i + 2}: label '{label}' is neither NC/MCI nor 0/1")
+        label = parse_label(rec["label"], classes, f"{csv_path}, row {i + 2}")
+        class_name = "" if label is None else classes[label]
         split = rec.get("split", "") or ("train" if class_name else "test")
-        row = _row(path, split, class_name, True, bad)
+        row = _row(path, split, class_name, True, bad, -1 if label is None else label)
         if row is None:
             continue
         if rec.get("subject", ""):
@@ -308,14 +335,86 @@ def read_datalist_csv(csv_path: str | Path, skip_bad: bool = False, skipped: lis
     return df
 
 
-def discover(root: str | Path, skip_bad: bool = False, skipped: list | None = None) -> pd.DataFrame:
-    """Datalist from a competition-layout folder or a CSV file (see module docstring)."""
+def _scan_row(path: Path, entities: dict, labels: BidsLabels | None, sidecar: dict | None, classes) -> dict:
+    """One datalist row (without the header metadata) of a PET file."""
+    subject, session = f"sub-{entities['sub']}", entities.get("ses")
+    found = labels.row(subject, session, path) if labels is not None else {"label": None, "site": ""}
+    label = found["label"]
+    return {
+        "scan_id": entities["stem"], "image": str(path.resolve()), "uuid": entities["stem"],
+        "split": "test" if label is None else "train", "class_name": "" if label is None else classes[label],
+        "label": -1 if label is None else label, "subject": subject, "subject_source": "bids",
+        "site": found["site"] or sidecar_site(sidecar), "session": session or "",
+        "tracer": entities.get("trc") or str((sidecar or {}).get("TracerName") or ""),
+    }
+
+
+def discover_bids(root: str | Path, skip_bad: bool = False, skipped: list | None = None, *, classes=CLASS_NAMES,
+                  label_column: str = LABEL_COLUMN, tracer: str | None = None, labels: bool = True) -> pd.DataFrame:
+    """The datalist of a BIDS dataset (:mod:`petmonai.data.bids` says what is read from where), with
+    :data:`BIDS_COLUMNS`; ``labels=False`` reads no label (every scan unlabelled: what
+    :func:`petmonai.inference.predictor.predict` scores). Sessions without a label are the ``test`` split."""
+    root, classes = Path(root), check_classes(classes)
+    skipped = [] if skipped is None else skipped
+    files = pet_files(root)
+    if not files:
+        raise DataError(root, "BIDS dataset without PET files (sub-<id>/[ses-<id>/]pet/sub-<id>..._pet.nii[.gz])")
+    table = BidsLabels(root, classes, label_column, needed=labels) if labels else None
+    rows, bad, no_sidecar, tracers = [], [], [], set()
+    for path, entities in files:
+        sidecar = read_sidecar(path)
+        tracers.add(entities.get("trc") or str((sidecar or {}).get("TracerName") or "") or "(none)")
+        if not keeps_tracer(entities, sidecar, tracer):
+            continue
+        if sidecar is None:
+            no_sidecar.append(path.name)
+        row = _scan_row(path, entities, table, sidecar, classes)
+        try:
+            meta = read_header(path)
+        except DataError as err:
+            bad.append({"image": str(path), "problem": err.problem})
+            continue
+        rows.append({**row, **{k: v for k, v in meta.items() if k not in ("subject", "subject_source", "site")}})
+    if not rows and not bad:
+        raise DataError(root, f"no PET file with tracer '{tracer}' (data.tracer); the dataset's tracers: "
+                              f"{', '.join(sorted(tracers))}")
+    _warn_incomplete(root, table, {r["subject"] for r in rows}, no_sidecar)
+    if bad and not skip_bad:
+        raise bad_files_error(bad)
+    skipped += bad
+    df = pd.DataFrame(rows, columns=COLUMNS + BIDS_COLUMNS)
+    if labels and not (df["split"] == "train").any():
+        raise PetmonaiError(f"{root}: no PET file has a label in column '{label_column}' (data.label_column): "
+                            "nothing to train on")
+    check_unique_uuids(df)
+    return df
+
+
+def _warn_incomplete(root: Path, labels: BidsLabels | None, subjects: set[str], no_sidecar: list[str]) -> None:
+    if no_sidecar:
+        log.warning("%s: %d PET file(s) have no _pet.json sidecar (PET-BIDS requires one; site and tracer then come "
+                    "from the tables only): %s", root, len(no_sidecar),
+                    ", ".join(no_sidecar[:5]) + (" ..." if len(no_sidecar) > 5 else ""))
+    missing = labels.subjects_without_files(subjects) if labels is not None else []
+    if missing:
+        log.warning("%s: %d subject(s) of participants.tsv have no PET file: %s", labels.participants_path,
+                    len(missing), ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+
+
+def discover(root: str | Path, skip_bad: bool = False, skipped: list | None = None, *, classes=CLASS_NAMES,
+             label_column: str = LABEL_COLUMN, tracer: str | None = None) -> pd.DataFrame:
+    """Datalist from a competition-layout folder, a CSV file or a BIDS dataset (see module docstring).
+
+    ``classes``: the two groups, negative first (``data.classes``); ``label_column`` and ``tracer``
+    (``data.label_column``, ``data.tracer``) apply to BIDS. :func:`data_options` reads all three from a config."""
     root = Path(root)
     if not root.exists():
         raise PetmonaiError(f"{root}: data root does not exist")
     if root.is_file():
-        return read_datalist_csv(root, skip_bad, skipped)
-    return discover_layout(root, skip_bad, skipped)
+        return read_datalist_csv(root, skip_bad, skipped, classes)
+    if is_bids(root):
+        return discover_bids(root, skip_bad, skipped, classes=classes, label_column=label_column, tracer=tracer)
+    return discover_layout(root, skip_bad, skipped, classes)
 
 
 def check_unique_uuids(df: pd.DataFrame) -> None:

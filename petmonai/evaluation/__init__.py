@@ -4,6 +4,8 @@ from petmonai.evaluation.metrics import (  # noqa: F401
     METRIC_KEYS,
     METRIC_LABELS,
     PROTOCOL_TEXT,
+    metric_labels,
+    protocol_text,
     THRESHOLD_MODES,
     brier_score,
     calibration_bins,

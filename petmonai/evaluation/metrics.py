@@ -1,4 +1,5 @@
-"""Classification metrics (MCI = positive class), subject-bootstrap confidence intervals, thresholds.
+"""Classification metrics (the run's second class, MCI by default, is the positive one), subject-bootstrap
+confidence intervals, thresholds.
 
 >>> classification_metrics([0, 1, 1], [0.2, 0.7, 0.4])["roc_auc"]
 1.0
@@ -27,20 +28,28 @@ import math
 import numpy as np
 import pandas as pd
 from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score, roc_auc_score
+from petmonai import CLASS_NAMES
+from petmonai.data import class_key, count_key, prob_column
 from petmonai.errors import ConfigError, PetmonaiError
 
 
 METRIC_KEYS = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "f1", "macro_f1")
 
 
-METRIC_LABELS = {
-    "roc_auc": "ROC AUC",
-    "balanced_accuracy": "Balanced accuracy",
-    "sensitivity": "Sensitivity (MCI recall)",
-    "specificity": "Specificity (NC recall)",
-    "f1": "F1 (MCI positive)",
-    "macro_f1": "Macro F1 (challenge score)",
-}
+def metric_labels(classes=CLASS_NAMES) -> dict[str, str]:
+    """How a report names each of :data:`METRIC_KEYS` for a run's ``classes`` (negative, positive)."""
+    negative, positive = classes
+    return {
+        "roc_auc": "ROC AUC",
+        "balanced_accuracy": "Balanced accuracy",
+        "sensitivity": f"Sensitivity ({positive} recall)",
+        "specificity": f"Specificity ({negative} recall)",
+        "f1": f"F1 ({positive} positive)",
+        "macro_f1": "Macro F1 (challenge score)",
+    }
+
+
+METRIC_LABELS = metric_labels()
 
 
 THRESHOLD_MODES = ("tuned",)
@@ -50,10 +59,10 @@ THRESHOLD_MODES = ("tuned",)
 
 
 def classification_metrics(labels, probs, threshold=0.5) -> dict:
-    """ROC AUC, balanced accuracy, sensitivity, specificity, F1 (MCI positive), macro F1.
+    """ROC AUC, balanced accuracy, sensitivity, specificity, F1 (label 1 positive), macro F1.
 
     ``threshold`` is one number or one per scan (e.g. each fold's tuned threshold);
-    a scan is called MCI when ``prob >= threshold``.
+    a scan is called positive (label 1, MCI by default) when ``prob >= threshold``.
 
     >>> classification_metrics([0, 1, 1], [0.2, 0.7, 0.4])["roc_auc"]
     1.0
@@ -151,7 +160,7 @@ def subject_bootstrap(labels, probs, subjects=None, threshold=0.5, groups=None, 
 
     Each replicate draws the subjects with replacement and keeps all scans of a drawn subject
     (a subject drawn twice counts twice). ``subjects=None`` resamples scans instead (each scan its
-    own unit; for comparison only). ``stratify``: draw MCI and NC subjects separately, keeping the
+    own unit; for comparison only). ``stratify``: draw the subjects of each class separately, keeping the
     class sizes, so every replicate has both classes (only when no subject holds both labels).
 
     ``groups`` (optional, one value per scan, e.g. the repeat or the fold): the statistic is the
@@ -317,10 +326,11 @@ def tune_threshold(labels, probs, default: float = 0.5) -> tuple[float, str]:
     return float(np.clip(candidates[choice], 1e-6, 1 - 1e-6)), "tuned on validation subjects (max balanced accuracy)"
 
 
-def fold_thresholds(predictions: pd.DataFrame, labels: pd.DataFrame | pd.Series | dict, mode) -> dict:
+def fold_thresholds(predictions: pd.DataFrame, labels: pd.DataFrame | pd.Series | dict, mode,
+                    classes=CLASS_NAMES) -> dict:
     """Decision threshold of every (repeat, fold) in ``predictions``.
 
-    ``predictions``: rows ``repeat, fold, role, scan_id, prob_mci`` (test and/or val rows).
+    ``predictions``: rows ``repeat, fold, role, scan_id, prob_<positive>`` (``prob_mci``; test and/or val rows).
     ``labels``: scan_id -> label (a Series/dict, or a frame with ``scan_id, label``).
     ``mode``: a fixed number, or ``'tuned'``: tuned on the fold's ``val`` rows only (the
     fold's ``test`` rows are never read). Returns ``{(repeat, fold): {"threshold", "source"}}``.
@@ -340,14 +350,14 @@ def fold_thresholds(predictions: pd.DataFrame, labels: pd.DataFrame | pd.Series 
         y = labels.reindex(part["scan_id"]).to_numpy()
         if np.isnan(y.astype(float)).any():
             raise PetmonaiError(f"repeat {repeat} fold {fold}: validation scans without a label")
-        thr, source = tune_threshold(y.astype(int), part["prob_mci"].to_numpy())
+        thr, source = tune_threshold(y.astype(int), part[prob_column(classes)].to_numpy())
         out[(repeat, fold)] = {"threshold": thr, "source": source}
     return out
 
 
 def calibration_bins(labels, probs, n_bins: int = 5) -> pd.DataFrame:
-    """Reliability table: per probability bin, the mean predicted P(MCI), the observed MCI fraction
-    and the number of scans (equal-width bins over [0, 1]; empty bins dropped)."""
+    """Reliability table: per probability bin, the mean predicted probability of the positive class, the
+    observed fraction of positive scans and the number of scans (equal-width bins over [0, 1]; empty bins dropped)."""
     y = np.asarray(labels, dtype=float)
     p = np.asarray(probs, dtype=float)
     edges = np.linspace(0, 1, n_bins + 1)
@@ -357,8 +367,8 @@ def calibration_bins(labels, probs, n_bins: int = 5) -> pd.DataFrame:
         m = idx == b
         if m.any():
             rows.append({"bin_low": edges[b], "bin_high": edges[b + 1], "mean_predicted": float(p[m].mean()),
-                         "observed_mci": float(y[m].mean()), "n": int(m.sum())})
-    return pd.DataFrame(rows, columns=["bin_low", "bin_high", "mean_predicted", "observed_mci", "n"])
+                         "observed_fraction": float(y[m].mean()), "n": int(m.sum())})
+    return pd.DataFrame(rows, columns=["bin_low", "bin_high", "mean_predicted", "observed_fraction", "n"])
 
 
 def brier_score(labels, probs) -> float:
@@ -374,7 +384,8 @@ PROTOCOL_TEXT = {
         "caveat that every test site was also seen in training, so a model may still win by recognising "
         "the scanner."),
     "site-pair": (
-        "Cross-site: each fold holds out one site that has only MCI scans and one that has only NC scans "
+        "Cross-site: each fold holds out one site that has only {positive} scans and one that has only {negative} "
+        "scans "
         "(all such pairs), and trains on the other sites. The model never saw the test scanners. ROC AUC is "
         "computed inside each fold and summarised as mean, sd and min over folds; pooling predictions "
         "across site-pair folds is not meaningful (a scan is tested in several folds, and scores from "
@@ -387,100 +398,112 @@ PROTOCOL_TEXT = {
 }
 
 
-"""Plain-language description of each CV protocol (reports and metrics.json)."""
+"""Plain-language description of each CV protocol (reports and metrics.json): :func:`protocol_text`."""
+
+
+def protocol_text(protocol: str, classes=CLASS_NAMES) -> str:
+    return PROTOCOL_TEXT.get(protocol, protocol).format(negative=classes[0], positive=classes[1])
 
 
 def _fold_key(repeat, fold) -> str:
     return f"{int(repeat)}/{int(fold)}"
 
 
-def evaluate_cv(predictions: pd.DataFrame, datalist: pd.DataFrame, protocol: str, threshold=0.5,
-                fold_info: list[dict] | None = None, n_boot: int = 2000, seed: int = 0,
-                leaky_protocols=("scan",)) -> dict:
-    """Everything ``metrics.json`` holds, from out-of-fold predictions.
-
-    ``predictions``: rows ``repeat, fold, role, scan_id, prob_mci`` with ``role`` ``test`` (the
-    evaluated scans) and optionally ``val`` (needed when ``threshold='tuned'``).
-    ``datalist``: ``scan_id, label, subject, site`` of the labelled scans.
-    ``fold_info``: optional per-fold extras (epochs, timings) merged into ``per_fold``.
-
-    Pooled metrics are computed per repeat over all out-of-fold test predictions and averaged
-    over repeats; per-fold metrics inside each fold. CIs: :func:`subject_bootstrap` (subjects,
-    stratified by class). ``headline`` names the number to quote for the protocol.
-    """
-    leaky = protocol in leaky_protocols
-    mode = parse_threshold(threshold)
-    labels = datalist[["scan_id", "label", "subject", "site"]].drop_duplicates("scan_id")
-    thresholds = fold_thresholds(predictions, labels, mode)
+def _scored_test(predictions: pd.DataFrame, labels: pd.DataFrame, thresholds: dict, column: str) -> pd.DataFrame:
+    """The test rows with their labels, subjects and sites, the probability ``column`` as ``prob``, each
+    fold's threshold and the call (``pred``)."""
     test = predictions[predictions["role"] == "test"].merge(labels, on="scan_id", how="inner")
     if test.empty:
         raise PetmonaiError("no out-of-fold test predictions to evaluate")
+    test["prob"] = test[column]
     test["threshold"] = [thresholds[(int(r), int(f))]["threshold"] for r, f in zip(test["repeat"], test["fold"])]
-    test["pred"] = (test["prob_mci"] >= test["threshold"]).astype(int)
+    test["pred"] = (test["prob"] >= test["threshold"]).astype(int)
+    return test
 
+
+def _per_fold(test: pd.DataFrame, thresholds: dict, fold_info: list[dict] | None, classes) -> list[dict]:
+    """Metrics inside each (repeat, fold), with its test sites, class counts and ``fold_info`` extras."""
     info_by_fold = {(int(i["repeat"]), int(i["fold"])): i for i in (fold_info or [])}
     per_fold = []
     for (repeat, fold), part in test.groupby(["repeat", "fold"], sort=True):
         key = (int(repeat), int(fold))
         extra = {k: v for k, v in info_by_fold.get(key, {}).items() if k not in ("predictions", "repeat", "fold")}
-        m = classification_metrics(part["label"], part["prob_mci"], part["threshold"])
+        m = classification_metrics(part["label"], part["prob"], part["threshold"])
         per_fold.append({
             "repeat": key[0], "fold": key[1],
             "test_sites": " ".join(sorted(set(part["site"].astype(str)) - {""})),
             "n_subjects": int(part["subject"].nunique()),
-            "n_mci": int((part["label"] == 1).sum()), "n_nc": int((part["label"] == 0).sum()),
+            count_key(classes, 1): int((part["label"] == 1).sum()),
+            count_key(classes, 0): int((part["label"] == 0).sum()),
             **m, "threshold_source": thresholds[key]["source"], **extra,
         })
+    return per_fold
 
-    by_repeat = [classification_metrics(p["label"], p["prob_mci"], p["threshold"]) for _, p in test.groupby("repeat")]
+
+def _pooled(test: pd.DataFrame, per_fold: list[dict], n_boot: int, seed: int) -> tuple[dict, dict, dict, dict]:
+    """Pooled metrics (per repeat, averaged over repeats), the per-fold summary and both subject-bootstrap
+    CIs: ``(pooled, pooled_ci, fold_summary, fold_mean_ci)``."""
+    by_repeat = [classification_metrics(p["label"], p["prob"], p["threshold"]) for _, p in test.groupby("repeat")]
     pooled = {k: float(np.nanmean([m[k] for m in by_repeat])) if not all(np.isnan(m[k]) for m in by_repeat)
               else float("nan") for k in METRIC_KEYS}
     pooled["n"] = int(round(len(test) / max(1, test["repeat"].nunique())))
-    pooled["brier"] = float(np.mean([brier_score(p["label"], p["prob_mci"]) for _, p in test.groupby("repeat")]))
-    pooled_ci = subject_bootstrap(test["label"], test["prob_mci"], test["subject"], test["threshold"],
+    pooled["brier"] = float(np.mean([brier_score(p["label"], p["prob"]) for _, p in test.groupby("repeat")]))
+    pooled_ci = subject_bootstrap(test["label"], test["prob"], test["subject"], test["threshold"],
                                   groups=test["repeat"], n_boot=n_boot, seed=seed)
     fold_groups = [_fold_key(r, f) for r, f in zip(test["repeat"], test["fold"])]
-    fold_mean_ci = subject_bootstrap(test["label"], test["prob_mci"], test["subject"], test["threshold"],
+    fold_mean_ci = subject_bootstrap(test["label"], test["prob"], test["subject"], test["threshold"],
                                      groups=fold_groups, n_boot=n_boot, seed=seed)
     fold_summary = {k: spread([f[k] for f in per_fold]) for k in METRIC_KEYS}
     for key in METRIC_KEYS:  # the same point estimates everywhere (the bootstrap's own agree up to rounding)
         pooled_ci[key]["value"] = pooled[key]
         fold_mean_ci[key]["value"] = fold_summary[key]["mean"]
+    return pooled, pooled_ci, fold_summary, fold_mean_ci
 
+
+def _per_site(test: pd.DataFrame, classes) -> list[dict]:
+    """Per test site: its classes, counts, mean probability (``mean_prob_<positive>``), how often it was called
+    positive (``called_<positive>``) and was right."""
+    positive = class_key(classes[1])
     per_site = []
     for site, part in test.groupby("site", sort=True):
         per_site.append({
             "site": str(site) or "(unknown)",
-            "classes": "/".join(c for c, v in (("NC", 0), ("MCI", 1)) if (part["label"] == v).any()),
+            "classes": "/".join(c for v, c in enumerate(classes) if (part["label"] == v).any()),
             "n_scans": int(part["scan_id"].nunique()), "n_subjects": int(part["subject"].nunique()),
             "n_evaluations": int(len(part)),
-            "mean_prob_mci": float(part["prob_mci"].mean()),
-            "called_mci": float(part["pred"].mean()),
+            f"mean_prob_{positive}": float(part["prob"].mean()),
+            f"called_{positive}": float(part["pred"].mean()),
             "accuracy": float((part["pred"] == part["label"]).mean()),
-            **({"roc_auc": float(roc_auc_score(part["label"], part["prob_mci"]))}
+            **({"roc_auc": float(roc_auc_score(part["label"], part["prob"]))}
                if part["label"].nunique() == 2 else {"roc_auc": float("nan")}),
         })
+    return per_site
 
-    fold_thr = [thresholds[k]["threshold"] for k in sorted(thresholds)]
+
+def _headline(protocol: str, leaky: bool, pooled: dict, pooled_ci: dict, fold_summary: dict,
+              fold_mean_ci: dict) -> dict:
+    """The number to quote for the protocol: the mean fold AUC (site-pair) or the pooled AUC, with its CI."""
     if protocol == "site-pair":
         fa = fold_summary["roc_auc"]
         ci = fold_mean_ci["roc_auc"]
-        headline = {
+        return {
             "metric": "roc_auc", "statistic": "mean over folds", "value": fa["mean"], "sd": fa["sd"],
             "min": fa["min"], "ci_low": ci["ci_low"], "ci_high": ci["ci_high"], "n_folds": fa["n"],
             "text": f"mean fold ROC AUC {fa['mean']:.2f} (sd {fa['sd']:.2f}, min {fa['min']:.2f}, "
                     f"{fa['n']} site-pair folds; subject-bootstrap 95% CI of the mean "
                     f"{ci['ci_low']:.2f}-{ci['ci_high']:.2f})",
         }
-    else:
-        ci = pooled_ci["roc_auc"]
-        headline = {
-            "metric": "roc_auc", "statistic": "pooled out-of-fold", "value": pooled["roc_auc"],
-            "ci_low": ci["ci_low"], "ci_high": ci["ci_high"],
-            "text": ("LEAKY " if leaky else "") + f"pooled out-of-fold ROC AUC {pooled['roc_auc']:.2f} "
-                    f"(95% CI {ci['ci_low']:.2f}-{ci['ci_high']:.2f}, resampling "
-                    f"{pooled_ci['n_units']} subjects)",
-        }
+    ci = pooled_ci["roc_auc"]
+    return {
+        "metric": "roc_auc", "statistic": "pooled out-of-fold", "value": pooled["roc_auc"],
+        "ci_low": ci["ci_low"], "ci_high": ci["ci_high"],
+        "text": ("LEAKY " if leaky else "") + f"pooled out-of-fold ROC AUC {pooled['roc_auc']:.2f} "
+                f"(95% CI {ci['ci_low']:.2f}-{ci['ci_high']:.2f}, resampling "
+                f"{pooled_ci['n_units']} subjects)",
+    }
+
+
+def _cv_notes(protocol: str, leaky: bool, mode, thresholds: dict) -> list[str]:
     notes = []
     if leaky:
         notes.append("LEAKY: scan-level split; scans of one subject are on both sides of folds. Do not quote.")
@@ -492,15 +515,43 @@ def evaluate_cv(predictions: pd.DataFrame, datalist: pd.DataFrame, protocol: str
         if fallback:
             notes.append(f"threshold fell back to 0.5 in fold(s) {', '.join(fallback)}: their validation "
                          "scans held one class only")
+    return notes
+
+
+def evaluate_cv(predictions: pd.DataFrame, datalist: pd.DataFrame, protocol: str, threshold=0.5,
+                fold_info: list[dict] | None = None, n_boot: int = 2000, seed: int = 0,
+                leaky_protocols=("scan",), classes=CLASS_NAMES) -> dict:
+    """Everything ``metrics.json`` holds, from out-of-fold predictions.
+
+    ``classes``: the run's two classes, negative first; they name the probability column
+    (:func:`petmonai.data.classes.prob_column`) and the per-class entries.
+    ``predictions``: rows ``repeat, fold, role, scan_id, prob_<positive>`` with ``role`` ``test`` (the
+    evaluated scans) and optionally ``val`` (needed when ``threshold='tuned'``).
+    ``datalist``: ``scan_id, label, subject, site`` of the labelled scans.
+    ``fold_info``: optional per-fold extras (epochs, timings) merged into ``per_fold``.
+
+    Pooled metrics are computed per repeat over all out-of-fold test predictions and averaged
+    over repeats; per-fold metrics inside each fold. CIs: :func:`subject_bootstrap` (subjects,
+    stratified by class). ``headline`` names the number to quote for the protocol.
+    """
+    leaky = protocol in leaky_protocols
+    mode = parse_threshold(threshold)
+    labels = datalist[["scan_id", "label", "subject", "site"]].drop_duplicates("scan_id")
+    thresholds = fold_thresholds(predictions, labels, mode, classes)
+    test = _scored_test(predictions, labels, thresholds, prob_column(classes))
+    per_fold = _per_fold(test, thresholds, fold_info, classes)
+    pooled, pooled_ci, fold_summary, fold_mean_ci = _pooled(test, per_fold, n_boot, seed)
+    fold_thr = [thresholds[k]["threshold"] for k in sorted(thresholds)]
     return {
         "protocol": protocol,
-        "protocol_description": PROTOCOL_TEXT.get(protocol, protocol),
+        "protocol_description": protocol_text(protocol, classes),
         "leaky": leaky,
-        "positive_class": "MCI",
+        "classes": list(classes),
+        "positive_class": classes[1],
         "threshold": float(mode) if mode != "tuned" else float(np.mean(fold_thr)),
         "threshold_mode": "tuned" if mode == "tuned" else "fixed",
         "fold_thresholds": {_fold_key(*k): v for k, v in sorted(thresholds.items())},
-        "headline": headline,
+        "headline": _headline(protocol, leaky, pooled, pooled_ci, fold_summary, fold_mean_ci),
         "pooled": pooled,
         "pooled_meaningful": protocol != "site-pair",
         "pooled_ci": pooled_ci,
@@ -508,10 +559,10 @@ def evaluate_cv(predictions: pd.DataFrame, datalist: pd.DataFrame, protocol: str
         "fold_summary": fold_summary,
         "fold_mean_ci": fold_mean_ci,
         "per_fold": per_fold,
-        "per_site": per_site,
+        "per_site": _per_site(test, classes),
         "bootstrap": {"n_boot": int(n_boot), "seed": int(seed), "unit": "subject", "stratified_by_class":
                       bool(pooled_ci.get("stratified")), "confidence": 0.95, "method": "percentile"},
-        "notes": notes,
+        "notes": _cv_notes(protocol, leaky, mode, thresholds),
     }
 
 
@@ -522,6 +573,7 @@ def scored_predictions(predictions: pd.DataFrame, metrics: dict) -> pd.DataFrame
     out = predictions.copy()
     out["threshold"] = [thr.get(_fold_key(r, f), {}).get("threshold", metrics["threshold"])
                         for r, f in zip(out["repeat"], out["fold"])]
-    out["pred_label"] = np.where(out["prob_mci"] >= out["threshold"], "MCI", "NC")
+    negative, positive = metrics.get("classes") or CLASS_NAMES  # metrics.json written before "classes": NC/MCI
+    out["pred_label"] = np.where(out[prob_column((negative, positive))] >= out["threshold"], positive, negative)
     out["cv_protocol"] = metrics["protocol"] + (" (LEAKY)" if metrics.get("leaky") else "")
     return out

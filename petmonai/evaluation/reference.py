@@ -173,9 +173,10 @@ def _limit_threads():
         return contextlib.nullcontext()
 
 
-def _predict(model, features: pd.DataFrame, ids: list[str], repeat: int, fold: int, role: str) -> pd.DataFrame:
+def _predict(model, features: pd.DataFrame, ids: list[str], repeat: int, fold: int, role: str,
+             column: str) -> pd.DataFrame:
     prob = model.predict_proba(features.loc[ids].to_numpy())[:, 1] if ids else np.zeros(0)
-    return pd.DataFrame({"repeat": repeat, "fold": fold, "role": role, "scan_id": ids, "prob_mci": prob})
+    return pd.DataFrame({"repeat": repeat, "fold": fold, "role": role, "scan_id": ids, column: prob})
 
 
 def run_reference_cv(cfg: dict, datalist: pd.DataFrame, folds: pd.DataFrame, out_dir: str | Path | None = None,
@@ -187,7 +188,7 @@ def run_reference_cv(cfg: dict, datalist: pd.DataFrame, folds: pd.DataFrame, out
     table (:mod:`petmonai.data.splits`). ``features`` (optional): precomputed :func:`reference_features`.
     Returns ``{"metrics", "predictions" (scored test rows), "val_predictions", "settings"}``.
     """
-    from petmonai.data import LEAKY_PROTOCOLS, fold_ids, fold_members
+    from petmonai.data import LEAKY_PROTOCOLS, fold_ids, fold_members, prob_column, run_classes
 
     settings = settings or reference_settings(cfg)
     protocol = protocol or str(folds.attrs.get("protocol", cfg["cv"]["protocol"]))
@@ -197,6 +198,8 @@ def run_reference_cv(cfg: dict, datalist: pd.DataFrame, folds: pd.DataFrame, out
     label_of = labelled.set_index("scan_id")["label"].astype(int)
     threshold = cfg["train"]["threshold"]
     tuned = parse_threshold(threshold) == "tuned"
+    classes = run_classes(cfg)
+    column = prob_column(classes)
     t_all = time.perf_counter()
     rows, fold_info = [], []
     with _limit_threads():
@@ -209,14 +212,14 @@ def run_reference_cv(cfg: dict, datalist: pd.DataFrame, folds: pd.DataFrame, out
                 raise PetmonaiError(f"reference model, repeat {repeat} fold {fold}: training scans hold one class only")
             t0 = time.perf_counter()
             model = build_reference_model(settings, len(fit_ids)).fit(features.loc[fit_ids].to_numpy(), y)
-            rows.append(_predict(model, features, ids["test"], repeat, fold, "test"))
+            rows.append(_predict(model, features, ids["test"], repeat, fold, "test", column))
             if tuned and ids["val"]:
                 # out-of-sample validation predictions for the threshold: a twin fitted on 'train' only
                 twin_y = label_of.reindex(ids["train"]).to_numpy()
                 if len(np.unique(twin_y)) == 2:
                     twin = build_reference_model(settings, len(twin_y))
                     twin.fit(features.loc[ids["train"]].to_numpy(), twin_y)
-                    rows.append(_predict(twin, features, ids["val"], repeat, fold, "val"))
+                    rows.append(_predict(twin, features, ids["val"], repeat, fold, "val", column))
             pca = model.named_steps["pca"]
             fold_info.append({"repeat": repeat, "fold": fold, "train_seconds": time.perf_counter() - t0,
                               "n_fit": len(fit_ids), "pca_components": int(pca.n_components_),
@@ -224,7 +227,7 @@ def run_reference_cv(cfg: dict, datalist: pd.DataFrame, folds: pd.DataFrame, out
     preds = pd.concat(rows, ignore_index=True)
     metrics = evaluate_cv(preds, labelled, protocol, threshold, fold_info,
                           n_boot=int(cfg["report"]["bootstrap"]), seed=int(cfg["seed"]),
-                          leaky_protocols=LEAKY_PROTOCOLS)
+                          leaky_protocols=LEAKY_PROTOCOLS, classes=classes)
     metrics["model"] = MODEL_NAME
     metrics["reference_settings"] = settings
     metrics["fit_seconds"] = time.perf_counter() - t_all

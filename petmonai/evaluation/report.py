@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from petmonai.config import read_yaml
+from petmonai.data import class_key, count_key, prob_column, run_classes
 from petmonai.errors import PetmonaiError
-from petmonai.evaluation.metrics import METRIC_KEYS, METRIC_LABELS, calibration_bins, evaluate_cv
+from petmonai.evaluation.metrics import METRIC_KEYS, calibration_bins, evaluate_cv, metric_labels
 from petmonai.runs import atomic_write_text, get_logger, read_run_config
 from petmonai.runs import _new_figure, save_figure
 
@@ -58,7 +59,7 @@ def run_model_name(run_dir: Path) -> str:
     return model_label(cfg.get("model") or {"name": "resnet18_3d"})
 
 
-CLASS_COLOURS = {"NC": "#2ca02c", "MCI": "#9467bd"}
+CLASS_COLOURS = ("#2ca02c", "#9467bd")  # label 0 (negative class), label 1 (positive class)
 
 
 FIGURES = {"roc": "roc.png", "confusion": "confusion.png", "calibration": "calibration.png",
@@ -89,16 +90,19 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
 
 
 def _load_model(folder: Path, name: str, recompute: bool, n_boot: int | None,
-                datalist: pd.DataFrame | None = None) -> dict | None:
+                datalist: pd.DataFrame | None = None, classes=None) -> dict | None:
     """Metrics and scored test predictions of one model (CNN: the run folder; reference: reference/).
 
     The metrics come from ``metrics.json``; they are recomputed from the prediction files when
-    ``recompute`` is set or the file predates confidence intervals (nothing is written back)."""
+    ``recompute`` is set or the file predates confidence intervals (nothing is written back).
+    ``classes``: the run's (default NC/MCI); the positive class's probability column is kept as ``prob``."""
+    classes = run_classes(None) if classes is None else tuple(classes)
+    column = prob_column(classes)
     metrics = _read_json(folder / "metrics.json")
     oof = _read_csv(folder / "oof_predictions.csv")
     if oof is None:
         return None
-    needed = {"repeat", "fold", "scan_id", "prob_mci", "label", "subject"}
+    needed = {"repeat", "fold", "scan_id", column, "label", "subject"}
     if not needed <= set(oof.columns):
         raise PetmonaiError(f"{folder / 'oof_predictions.csv'}: missing column(s) {sorted(needed - set(oof.columns))}")
     if "site" not in oof.columns:
@@ -109,25 +113,26 @@ def _load_model(folder: Path, name: str, recompute: bool, n_boot: int | None,
         metrics = metrics or {}
         protocol = metrics.get("protocol", "subject")
         mode = "tuned" if metrics.get("threshold_mode") == "tuned" else metrics.get("threshold", 0.5)
-        preds = oof.assign(role="test")[["repeat", "fold", "role", "scan_id", "prob_mci"]]
+        preds = oof.assign(role="test")[["repeat", "fold", "role", "scan_id", column]]
         labels = oof[["scan_id", "label", "subject", "site"]]
         val = _read_csv(folder / "val_predictions.csv")
         if val is not None and len(val):
-            preds = pd.concat([preds, val[["repeat", "fold", "role", "scan_id", "prob_mci"]]], ignore_index=True)
+            preds = pd.concat([preds, val[["repeat", "fold", "role", "scan_id", column]]], ignore_index=True)
             if datalist is not None:
                 labels = pd.concat([labels, datalist[["scan_id", "label", "subject", "site"]]])
         labels = labels.drop_duplicates("scan_id")
         if mode == "tuned" and not set(preds.loc[preds["role"] == "val", "scan_id"]) <= set(labels["scan_id"]):
             raise PetmonaiError(f"{folder}: recomputing a tuned threshold needs the validation scans' labels "
                                 "(datalist.csv in the run folder)")
-        metrics = {**metrics, **evaluate_cv(preds, labels, protocol, mode, n_boot=n_boot or 2000)}
+        metrics = {**metrics, **evaluate_cv(preds, labels, protocol, mode, n_boot=n_boot or 2000, classes=classes)}
         metrics["recomputed"] = True
     thr = metrics.get("fold_thresholds", {})
     if "threshold" not in oof.columns or oof["threshold"].isna().any():
         oof["threshold"] = [thr.get(f"{int(r)}/{int(f)}", {}).get("threshold", metrics.get("threshold", 0.5))
                             for r, f in zip(oof["repeat"], oof["fold"])]
-    oof["pred"] = (oof["prob_mci"] >= oof["threshold"]).astype(int)
-    return {"name": name, "metrics": metrics, "oof": oof}
+    oof["prob"] = oof[column]
+    oof["pred"] = (oof["prob"] >= oof["threshold"]).astype(int)
+    return {"name": name, "metrics": metrics, "oof": oof, "classes": classes}
 
 
 def _histories(run_dir: Path) -> pd.DataFrame:
@@ -176,13 +181,13 @@ def _md_table(header: list[str], rows: list[list]) -> list[str]:
     return lines
 
 
-def _threshold_text(metrics: dict) -> str:
+def _threshold_text(metrics: dict, classes) -> str:
     if metrics.get("threshold_mode") == "tuned":
         values = [v["threshold"] for v in metrics.get("fold_thresholds", {}).values()]
         rng = f", range {min(values):.2f}-{max(values):.2f}" if values else ""
         return (f"tuned in each fold on its validation subjects (training subjects set aside; maximum balanced "
                 f"accuracy), mean {metrics['threshold']:.2f}{rng}; never tuned on the evaluated fold")
-    return f"fixed at {metrics.get('threshold', 0.5):.2f} (P(MCI) >= threshold: called MCI)"
+    return f"fixed at {metrics.get('threshold', 0.5):.2f} (P({classes[1]}) >= threshold: called {classes[1]})"
 
 
 def _roc_curve(y, p):
@@ -194,13 +199,13 @@ def _roc_curve(y, p):
     return fpr, tpr
 
 
-def _chance(ax):
+def _chance(ax, classes):
     ax.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="chance (AUC 0.5)")
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
     ax.set_aspect("equal")
-    ax.set_xlabel("1 - specificity (false-positive rate: NC called MCI)")
-    ax.set_ylabel("Sensitivity (true-positive rate: MCI called MCI)")
+    ax.set_xlabel(f"1 - specificity (false-positive rate: {classes[0]} called {classes[1]})")
+    ax.set_ylabel(f"Sensitivity (true-positive rate: {classes[1]} called {classes[1]})")
     ax.grid(alpha=0.3)
 
 
@@ -209,6 +214,7 @@ def plot_roc(models: list[dict], protocol: str, path: Path) -> Path:
     operating point. Site-pair: the per-fold curves averaged at fixed false-positive rates (± 1 sd
     band), and every fold's AUC beside them."""
     title = f"ROC curves, {PROTOCOL_TITLES.get(protocol, protocol)}"
+    negative, positive = classes = models[0]["classes"]
     if protocol == "site-pair":
         fig, axes = _new_figure(12, 5.6, ncols=2)
         ax, ax2 = axes[0]
@@ -217,7 +223,7 @@ def plot_roc(models: list[dict], protocol: str, path: Path) -> Path:
             line_colour = colour(m["name"])
             curves = []
             for _, part in m["oof"].groupby(["repeat", "fold"]):
-                curve = _roc_curve(part["label"], part["prob_mci"])
+                curve = _roc_curve(part["label"], part["prob"])
                 if curve is not None:
                     curves.append(np.interp(grid, *curve))
             if not curves:
@@ -229,9 +235,9 @@ def plot_roc(models: list[dict], protocol: str, path: Path) -> Path:
                     label=f"{m['name']}: mean of {len(curves)} fold curves (mean fold AUC {_num(fa['mean'])})")
             ax.fill_between(grid, np.clip(mean - sd, 0, 1), np.clip(mean + sd, 0, 1), color=line_colour, alpha=0.15,
                             label=f"{m['name']}: ± 1 sd over folds")
-        _chance(ax)
-        ax.set_title("ROC inside each fold, averaged over folds\n(each fold: one unseen MCI site + one unseen NC site)",
-                     fontsize=10)
+        _chance(ax, classes)
+        ax.set_title(f"ROC inside each fold, averaged over folds\n(each fold: one unseen {positive} site + one unseen "
+                     f"{negative} site)", fontsize=10)
         ax.legend(loc="lower right", fontsize=8)
         for i, m in enumerate(models):
             aucs = [f["roc_auc"] for f in m["metrics"]["per_fold"] if np.isfinite(f["roc_auc"])]
@@ -258,7 +264,7 @@ def plot_roc(models: list[dict], protocol: str, path: Path) -> Path:
             line_colour = colour(m["name"])
             ci = m["metrics"].get("pooled_ci", {}).get("roc_auc")
             for j, (_, part) in enumerate(m["oof"].groupby("repeat")):
-                curve = _roc_curve(part["label"], part["prob_mci"])
+                curve = _roc_curve(part["label"], part["prob"])
                 if curve is None:
                     continue
                 ax.plot(*curve, color=line_colour, lw=2 if j == 0 else 1, alpha=1 if j == 0 else 0.4,
@@ -268,7 +274,7 @@ def plot_roc(models: list[dict], protocol: str, path: Path) -> Path:
                     spec = float((part["pred"][part["label"] == 0] == 0).mean())
                     ax.plot(1 - spec, sens, "o", color=line_colour, ms=8, mec="black",
                             label=f"{m['name']}: operating point (threshold)")
-        _chance(ax)
+        _chance(ax, classes)
         leaky = " (LEAKY: subjects on both sides)" if protocol == "scan" else ""
         ax.set_title(f"{title}{leaky}\npooled out-of-fold test predictions; AUC with 95% CI (subjects)", fontsize=10)
         ax.legend(loc="lower right", fontsize=8)
@@ -279,6 +285,7 @@ def plot_confusion(models: list[dict], protocol: str, path: Path) -> Path:
     """Confusion matrices at the applied threshold, counts and row percentages."""
     fig, axes = _new_figure(5.2 * len(models), 4.6, ncols=len(models))
     unit = "scan x fold evaluations" if protocol == "site-pair" else "scans"
+    classes = models[0]["classes"]
     for ax, m in zip(axes[0], models):
         oof = m["oof"] if protocol == "site-pair" else m["oof"][m["oof"]["repeat"] == m["oof"]["repeat"].min()]
         mat = np.zeros((2, 2), dtype=int)
@@ -290,10 +297,10 @@ def plot_confusion(models: list[dict], protocol: str, path: Path) -> Path:
         ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
         for t in (0, 1):
             for q in (0, 1):
-                ax.text(q, t, f"{mat[t, q]}\n({100 * frac[t, q]:.0f}% of true {'MCI' if t else 'NC'})",
+                ax.text(q, t, f"{mat[t, q]}\n({100 * frac[t, q]:.0f}% of true {classes[t]})",
                         ha="center", va="center", fontsize=10, color="white" if frac[t, q] > 0.6 else "black")
-        ax.set_xticks([0, 1], ["NC", "MCI"])
-        ax.set_yticks([0, 1], ["NC", "MCI"])
+        ax.set_xticks([0, 1], list(classes))
+        ax.set_yticks([0, 1], list(classes))
         ax.set_xlabel("Predicted class")
         ax.set_ylabel("True class")
         thr = m["metrics"]
@@ -305,28 +312,30 @@ def plot_confusion(models: list[dict], protocol: str, path: Path) -> Path:
 
 
 def plot_calibration(models: list[dict], protocol: str, path: Path, n_bins: int = 5) -> Path:
-    """Reliability diagram (predicted vs observed MCI fraction) and the distribution of P(MCI) by class."""
+    """Reliability diagram (predicted vs observed fraction of the positive class) and the distribution of
+    P(positive) by class."""
+    negative, positive = models[0]["classes"]
     fig, axes = _new_figure(5.0 * (1 + len(models)), 4.8, ncols=1 + len(models))
     ax = axes[0][0]
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
     for m in models:
-        table = calibration_bins(m["oof"]["label"], m["oof"]["prob_mci"], n_bins)
-        ax.plot(table["mean_predicted"], table["observed_mci"], "o-", color=colour(m["name"]), label=m["name"])
+        table = calibration_bins(m["oof"]["label"], m["oof"]["prob"], n_bins)
+        ax.plot(table["mean_predicted"], table["observed_fraction"], "o-", color=colour(m["name"]), label=m["name"])
         for r in table.itertuples():
-            ax.annotate(f"n={r.n}", (r.mean_predicted, r.observed_mci), textcoords="offset points", xytext=(4, -10),
+            ax.annotate(f"n={r.n}", (r.mean_predicted, r.observed_fraction), textcoords="offset points", xytext=(4, -10),
                         fontsize=7, color=colour(m["name"]))
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.set_aspect("equal")
-    ax.set_xlabel("Mean predicted P(MCI) in the bin")
-    ax.set_ylabel("Observed fraction of MCI scans in the bin")
+    ax.set_xlabel(f"Mean predicted P({positive}) in the bin")
+    ax.set_ylabel(f"Observed fraction of {positive} scans in the bin")
     ax.set_title(f"Reliability ({n_bins} equal-width bins)", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     bins = np.linspace(0, 1, 11)
     for ax, m in zip(axes[0][1:], models):
-        ax.hist([m["oof"].loc[m["oof"]["label"] == lab, "prob_mci"] for lab in (0, 1)], bins=bins,
-                color=[CLASS_COLOURS["NC"], CLASS_COLOURS["MCI"]], label=["true NC", "true MCI"], edgecolor="white")
+        ax.hist([m["oof"].loc[m["oof"]["label"] == lab, "prob"] for lab in (0, 1)], bins=bins,
+                color=list(CLASS_COLOURS), label=[f"true {negative}", f"true {positive}"], edgecolor="white")
         met = m["metrics"]
         ax.axvline(met.get("threshold", 0.5), color="black", ls=":",
                    label="threshold" + (" (mean of folds)" if met.get("threshold_mode") == "tuned" else ""))
@@ -334,9 +343,9 @@ def plot_calibration(models: list[dict], protocol: str, path: Path, n_bins: int 
 
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlim(0, 1)
-        ax.set_xlabel("Predicted P(MCI)")
+        ax.set_xlabel(f"Predicted P({positive})")
         ax.set_ylabel("Number of test " + ("evaluations" if protocol == "site-pair" else "scans"))
-        ax.set_title(f"{m['name']}: predicted P(MCI) by true class", fontsize=10)
+        ax.set_title(f"{m['name']}: predicted P({positive}) by true class", fontsize=10)
         ax.legend(fontsize=8)
     fig.suptitle(f"Calibration, {PROTOCOL_TITLES.get(protocol, protocol)}")
     return save_figure(fig, path)
@@ -448,12 +457,13 @@ def _protocol_section(protocol: str, cnn: dict, folds: pd.DataFrame | None, conf
     if views.get("mode") == "inference":
         detail = f" ({views['n_windows']} windows x {views['n_flips']} flips)" if "n_windows" in views else ""
         lines += [f"Each held-out scan is scored as `predict.py` scores a new one (`cv.test_views: inference`): the "
-                  f"mean P(MCI) over {views.get('n_views', '?')} `{views.get('views')}` views{detail}, by its fold's "
+                  f"mean P({cnn['classes'][1]}) over {views.get('n_views', '?')} `{views.get('views')}` views{detail}, "
+                  "by its fold's "
                   "model alone.", ""]
     else:
         lines += ["Each held-out scan is scored once, as the training evaluator sees it (`cv.test_views: evaluator`; "
                   "`predict.py` averages its prediction views instead).", ""]
-    lines += [f"Decision threshold: {_threshold_text(m)}.", ""]
+    lines += [f"Decision threshold: {_threshold_text(m, cnn['classes'])}.", ""]
     lines += ["**Which number to quote.** " + {
         "subject": "The pooled out-of-fold ROC AUC with its 95% CI, *together with* the site-pair figure of the "
                    "same model (run `--cv site-pair`): here every test site was also seen in training, so this "
@@ -468,13 +478,15 @@ def _protocol_section(protocol: str, cnn: dict, folds: pd.DataFrame | None, conf
 def _results_section(protocol: str, models: list[dict]) -> list[str]:
     lines = [f"## Results: {models[0]['name']} and the reference model, same folds", ""]
     names = [m["name"] for m in models]
+    negative, positive = models[0]["classes"]
+    labels = metric_labels(models[0]["classes"])
     if protocol == "site-pair":
-        lines += ["Each metric is computed inside each fold (one unseen MCI site + one unseen NC site) and "
+        lines += [f"Each metric is computed inside each fold (one unseen {positive} site + one unseen {negative} site) and "
                   "summarised over folds as mean ± sd [min]; in brackets after it, the 95% CI of the fold mean "
                   "from a bootstrap that resamples subjects.", ""]
         rows = []
         for key in METRIC_KEYS:
-            rows.append([METRIC_LABELS[key]] + [
+            rows.append([labels[key]] + [
                 f"{_spread(m['metrics']['fold_summary'][key])} (CI {_num(m['metrics']['fold_mean_ci'][key]['ci_low'])}"
                 f"-{_num(m['metrics']['fold_mean_ci'][key]['ci_high'])})" for m in models])
         lines += _md_table(["Metric"] + names, rows)
@@ -487,7 +499,7 @@ def _results_section(protocol: str, models: list[dict]) -> list[str]:
                   f"value (95% CI). CIs: percentile bootstrap, "
                   f"{boot.get('n_boot', '?')} replicates resampling the {boot.get('n_units', '?')} subjects "
                   "(all scans of a drawn subject; stratified by class), not scans.", ""]
-        rows = [[METRIC_LABELS[key]] + [_ci(m["metrics"].get("pooled_ci", {}).get(key)) for m in models]
+        rows = [[labels[key]] + [_ci(m["metrics"].get("pooled_ci", {}).get(key)) for m in models]
                 for key in METRIC_KEYS]
         rows.append(["Fold ROC AUC, mean ± sd [min]"] + [_spread(m["metrics"]["fold_summary"]["roc_auc"])
                                                          for m in models])
@@ -495,11 +507,11 @@ def _results_section(protocol: str, models: list[dict]) -> list[str]:
     lines.append("")
     for m in models:
         oof = m["oof"] if protocol == "site-pair" else m["oof"][m["oof"]["repeat"] == m["oof"]["repeat"].min()]
-        mci, nc = oof[oof["label"] == 1], oof[oof["label"] == 0]
+        pos, neg = oof[oof["label"] == 1], oof[oof["label"] == 0]
         unit = "evaluations" if protocol == "site-pair" else "scans"
-        called_mci, called_nc = int(mci["pred"].sum()), int((nc["pred"] == 0).sum())
-        lines.append(f"- **{m['name']}**: {m['metrics']['headline']['text']}. Of {len(mci)} MCI {unit} it called "
-                     f"{called_mci} MCI; of {len(nc)} NC {unit} it called {called_nc} NC.")
+        called_pos, called_neg = int(pos["pred"].sum()), int((neg["pred"] == 0).sum())
+        lines.append(f"- **{m['name']}**: {m['metrics']['headline']['text']}. Of {len(pos)} {positive} {unit} it called "
+                     f"{called_pos} {positive}; of {len(neg)} {negative} {unit} it called {called_neg} {negative}.")
     lines.append("")
     if len(models) > 1:
         cnn, ref = models[0]["metrics"]["headline"], models[1]["metrics"]["headline"]
@@ -521,15 +533,17 @@ def _per_fold_section(models: list[dict]) -> list[str]:
     lines = ["## Per-fold results", ""]
     cnn = models[0]["metrics"]["per_fold"]
     ref = {(f["repeat"], f["fold"]): f for f in models[1]["metrics"]["per_fold"]} if len(models) > 1 else {}
-    name = models[0]["name"]
-    header = ["Repeat/fold", "Test sites", "Test MCI/NC", f"{name} AUC", f"{name} bal. acc.", "Threshold"]
+    name, classes = models[0]["name"], models[0]["classes"]
+    header = ["Repeat/fold", "Test sites", f"Test {classes[1]}/{classes[0]}", f"{name} AUC", f"{name} bal. acc.",
+              "Threshold"]
     if any("best_epoch" in f for f in cnn):
         header.append("Epoch kept / run")
     if ref:
         header += [f"{REFERENCE_NAME} AUC", f"{REFERENCE_NAME} bal. acc."]
     rows = []
     for f in cnn:
-        row = [f"{f['repeat']}/{f['fold']}", f.get("test_sites", ""), f"{f.get('n_mci', '?')}/{f.get('n_nc', '?')}",
+        row = [f"{f['repeat']}/{f['fold']}", f.get("test_sites", ""),
+               f"{f.get(count_key(classes, 1), '?')}/{f.get(count_key(classes, 0), '?')}",
                _num(f["roc_auc"]), _num(f["balanced_accuracy"]), _num(f.get("threshold"))]
         if "Epoch kept / run" in header:
             row.append(f"{f.get('best_epoch', '?')} / {f.get('epochs_run', '?')}")
@@ -542,38 +556,118 @@ def _per_fold_section(models: list[dict]) -> list[str]:
 
 
 def _per_site_section(models: list[dict], protocol: str) -> list[str]:
+    positive = models[0]["classes"][1]
+    called, mean = f"called_{class_key(positive)}", f"mean_prob_{class_key(positive)}"
     lines = ["## Per-site results", "",
              "Every training site holds one class only, so a per-site AUC is undefined; the table shows how "
-             "often each site's scans were called MCI and how often the call was right"
+             f"often each site's scans were called {positive} and how often the call was right"
              + (" (over all folds that tested the site)." if protocol == "site-pair" else "."), ""]
     ref = {s["site"]: s for s in models[1]["metrics"]["per_site"]} if len(models) > 1 else {}
     name = models[0]["name"]
-    header = ["Site", "Class", "Scans", "Subjects", f"{name} mean P(MCI)", f"{name} called MCI", f"{name} correct"]
+    header = ["Site", "Class", "Scans", "Subjects", f"{name} mean P({positive})", f"{name} called {positive}",
+              f"{name} correct"]
     if ref:
-        header += [f"{REFERENCE_NAME} called MCI", f"{REFERENCE_NAME} correct"]
+        header += [f"{REFERENCE_NAME} called {positive}", f"{REFERENCE_NAME} correct"]
     rows = []
     for s in models[0]["metrics"]["per_site"]:
-        row = [s["site"], s["classes"], s["n_scans"], s["n_subjects"], _num(s["mean_prob_mci"]),
-               f"{100 * s['called_mci']:.0f}%", f"{100 * s['accuracy']:.0f}%"]
+        row = [s["site"], s["classes"], s["n_scans"], s["n_subjects"], _num(s[mean]),
+               f"{100 * s[called]:.0f}%", f"{100 * s['accuracy']:.0f}%"]
         if ref:
             r = ref.get(s["site"])
-            row += [f"{100 * r['called_mci']:.0f}%" if r else "n/a", f"{100 * r['accuracy']:.0f}%" if r else "n/a"]
+            row += [f"{100 * r[called]:.0f}%" if r else "n/a", f"{100 * r['accuracy']:.0f}%" if r else "n/a"]
         rows.append(row)
     return lines + _md_table(header, rows) + [""]
 
 
-def _glossary() -> list[str]:
+def _glossary(classes) -> list[str]:
+    neg, pos = classes
     return ["## How to read this", "",
-            "- **ROC AUC**: the chance that a randomly chosen MCI scan gets a higher P(MCI) than a randomly chosen "
-            "NC scan. 0.5 is guessing, 1.0 perfect; below 0.5 is worse than guessing.",
-            "- **Sensitivity**: fraction of MCI scans called MCI. **Specificity**: fraction of NC scans called NC. "
-            "**Balanced accuracy**: their mean.",
-            "- **F1 (MCI positive)**: harmonic mean of precision and sensitivity for MCI. **Macro F1**: mean of the F1 "
-            "of MCI and of NC; the 2023 challenge's score.",
+            f"- **ROC AUC**: the chance that a randomly chosen {pos} scan gets a higher P({pos}) than a randomly chosen "
+            f"{neg} scan. 0.5 is guessing, 1.0 perfect; below 0.5 is worse than guessing.",
+            f"- **Sensitivity**: fraction of {pos} scans called {pos}. **Specificity**: fraction of {neg} scans called "
+            f"{neg}. **Balanced accuracy**: their mean.",
+            f"- **F1 ({pos} positive)**: harmonic mean of precision and sensitivity for {pos}. **Macro F1**: mean of "
+            f"the F1 of {pos} and of {neg}; the 2023 challenge's score.",
             "- **95% CI**: the range that would cover the true value in 95% of repetitions of this study with new "
             "subjects drawn like these; wide intervals mean few subjects.",
             "- **Out-of-fold**: every scan is scored by a model that did not train on that scan (and, except "
             "under the LEAKY scan protocol, on no scan of that subject).", ""]
+
+
+def _run_datalist(run_dir: Path) -> pd.DataFrame | None:
+    """The labelled rows of the run's ``datalist.csv`` (for recomputing tuned thresholds), or None."""
+    datalist = _read_csv(run_dir / "datalist.csv")
+    if datalist is None or not {"scan_id", "label", "subject", "site"} <= set(datalist.columns):
+        return None
+    return datalist[datalist["label"].astype(float) >= 0].assign(
+        label=lambda d: d["label"].astype(int), site=lambda d: d["site"].fillna("").astype(str))
+
+
+def _run_models(run_dir: Path, recompute: bool, n_boot: int | None, classes) -> list[dict]:
+    """The CNN and, when the run has one, the reference model (see :func:`_load_model`)."""
+    datalist = _run_datalist(run_dir)
+    cnn = _load_model(run_dir, run_model_name(run_dir), recompute, n_boot, datalist, classes)
+    if cnn is None:
+        raise PetmonaiError(f"{run_dir}: no oof_predictions.csv; has training finished? (a report needs the "
+                            "out-of-fold predictions of a finished run)")
+    reference = _load_model(run_dir / "reference", REFERENCE_NAME, recompute, n_boot, datalist, classes)
+    return [cnn] + ([reference] if reference is not None else [])
+
+
+def _write_figures(run_dir: Path, models: list[dict], protocol: str, history: pd.DataFrame) -> dict:
+    """Every figure of the report, written; returns ``{key: path}``."""
+    written = {
+        "roc": plot_roc(models, protocol, run_dir / FIGURES["roc"]),
+        "confusion": plot_confusion(models, protocol, run_dir / FIGURES["confusion"]),
+        "calibration": plot_calibration(models, protocol, run_dir / FIGURES["calibration"]),
+    }
+    if not history.empty:
+        cnn = models[0]
+        best = {(f["repeat"], f["fold"]): f["best_epoch"] for f in cnn["metrics"]["per_fold"] if "best_epoch" in f}
+        written["curves"] = plot_training_curves(history, run_dir / FIGURES["curves"], best, cnn["name"])
+    return written
+
+
+def _figures_section(written: dict, classes) -> list[str]:
+    lines = ["## Figures", ""]
+    captions = {
+        "roc": "ROC curves: sensitivity against false-positive rate as the threshold moves; the dot is the "
+               "threshold actually applied.",
+        "confusion": "Confusion matrices at the applied threshold.",
+        "calibration": f"Calibration: does a predicted P({classes[1]}) of 0.8 mean 80% of such scans are {classes[1]}? "
+                       "Points on the diagonal are well calibrated; the histograms show how the classes' scores overlap.",
+    }
+    for key in ("roc", "confusion", "calibration"):
+        if key in written:
+            lines += [f"![{key}]({FIGURES[key]})", "", captions[key], ""]
+    return lines
+
+
+def _curves_section(history: pd.DataFrame, written: dict) -> list[str]:
+    lines = ["## Training curves", ""]
+    if history.empty:
+        return lines + ["No per-fold `history.csv` found in this run folder.", ""]
+    epochs = history.groupby(["repeat", "fold"])["epoch"].max()
+    return lines + [f"![training curves]({FIGURES['curves']})" if "curves" in written else "", "",
+                    f"{len(epochs)} folds trained {int(epochs.min())}-{int(epochs.max())} epochs; each fold keeps the "
+                    "epoch with the best validation ROC AUC (star). Validation subjects come from the training side "
+                    "of the fold, never from its test scans. A validation AUC far above the test AUC means the epoch "
+                    "choice overfitted the small validation set.", ""]
+
+
+def _provenance_section(provenance: dict, reference: dict | None) -> list[str]:
+    lines = ["## Provenance", ""]
+    for key in ("created", "command", "git_commit", "data_fingerprint_sha256", "device"):
+        if provenance.get(key):
+            lines.append(f"- {key}: `{provenance[key]}`")
+    settings = reference["metrics"].get("reference_settings") if reference is not None else None
+    if settings:
+        lines.append(f"- reference model: {settings.get('preprocessing', '?')} preprocessing, "
+                     f"PCA {settings.get('n_components', '?')} components, "
+                     f"logistic regression C={settings.get('C', '?')}; "
+                     "fitted on each fold's training subjects")
+    return lines + ["- files: `metrics.json`, `oof_predictions.csv`, `val_predictions.csv`, `folds.csv`"
+                    + (", `reference/`" if reference is not None else ""), ""]
 
 
 def build_report(run_dir: str | Path, recompute: bool = False, n_boot: int | None = None,
@@ -586,87 +680,36 @@ def build_report(run_dir: str | Path, recompute: bool = False, n_boot: int | Non
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise PetmonaiError(f"{run_dir}: run folder not found")
-    datalist = _read_csv(run_dir / "datalist.csv")
-    if datalist is not None and {"scan_id", "label", "subject", "site"} <= set(datalist.columns):
-        datalist = datalist[datalist["label"].astype(float) >= 0].assign(
-            label=lambda d: d["label"].astype(int), site=lambda d: d["site"].fillna("").astype(str))
-    else:
-        datalist = None
-    cnn = _load_model(run_dir, run_model_name(run_dir), recompute, n_boot, datalist)
-    if cnn is None:
-        raise PetmonaiError(f"{run_dir}: no oof_predictions.csv; has training finished? (a report needs the "
-                            "out-of-fold predictions of a finished run)")
-    models = [cnn]
-    reference = _load_model(run_dir / "reference", REFERENCE_NAME, recompute, n_boot, datalist)
-    if reference is not None:
-        models.append(reference)
+    config = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    classes = run_classes(config)
+    models = _run_models(run_dir, recompute, n_boot, classes)
+    cnn, reference = models[0], (models[1] if len(models) > 1 else None)
     protocol = cnn["metrics"].get("protocol", "subject")
     audit = _read_json(run_dir / "audit.json")
     provenance = _read_json(run_dir / "provenance.json") or {}
-    folds = _read_csv(run_dir / "folds.csv")
     synthetic = bool(provenance.get("synthetic_data") or (audit or {}).get("synthetic"))
     history = _histories(run_dir)
-
-    written = {}
-    if figures:
-        written["roc"] = plot_roc(models, protocol, run_dir / FIGURES["roc"])
-        written["confusion"] = plot_confusion(models, protocol, run_dir / FIGURES["confusion"])
-        written["calibration"] = plot_calibration(models, protocol, run_dir / FIGURES["calibration"])
-        if not history.empty:
-            best = {(f["repeat"], f["fold"]): f["best_epoch"] for f in cnn["metrics"]["per_fold"] if "best_epoch" in f}
-            written["curves"] = plot_training_curves(history, run_dir / FIGURES["curves"], best, cnn["name"])
+    written = _write_figures(run_dir, models, protocol, history) if figures else {}
 
     lines = [f"# Evaluation report: {run_dir.name}", "",
-             f"NC vs MCI from brain FDG-PET, {PROTOCOL_TITLES.get(protocol, protocol)}. "
-             "MCI is the positive class.",
+             f"{classes[0]} vs {classes[1]} from brain FDG-PET, {PROTOCOL_TITLES.get(protocol, protocol)}. "
+             f"{classes[1]} is the positive class.",
              ""]
-    banners = _banners(protocol, synthetic, cnn)
-    for b in banners:
+    for b in _banners(protocol, synthetic, cnn):
         lines += [b, ""]
     lines += [f"**Bottom line.** {cnn['name']}: {cnn['metrics']['headline']['text']}."]
     if reference is not None:
         lines[-1] += f" {REFERENCE_NAME}: {reference['metrics']['headline']['text']}."
     lines.append("")
     lines += _audit_section(audit)
-    config = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
-    lines += _protocol_section(protocol, cnn, folds, config)
+    lines += _protocol_section(protocol, cnn, _read_csv(run_dir / "folds.csv"), config)
     lines += _results_section(protocol, models)
-    lines += ["## Figures", ""]
-    captions = {
-        "roc": "ROC curves: sensitivity against false-positive rate as the threshold moves; the dot is the "
-               "threshold actually applied.",
-        "confusion": "Confusion matrices at the applied threshold.",
-        "calibration": "Calibration: does a predicted P(MCI) of 0.8 mean 80% of such scans are MCI? Points on the "
-                       "diagonal are well calibrated; the histograms show how the classes' scores overlap.",
-    }
-    for key in ("roc", "confusion", "calibration"):
-        if key in written:
-            lines += [f"![{key}]({FIGURES[key]})", "", captions[key], ""]
+    lines += _figures_section(written, classes)
     lines += _per_fold_section(models)
     lines += _per_site_section(models, protocol)
-    lines += ["## Training curves", ""]
-    if history.empty:
-        lines += ["No per-fold `history.csv` found in this run folder.", ""]
-    else:
-        epochs = history.groupby(["repeat", "fold"])["epoch"].max()
-        lines += [f"![training curves]({FIGURES['curves']})" if "curves" in written else "", "",
-                  f"{len(epochs)} folds trained {int(epochs.min())}-{int(epochs.max())} epochs; each fold keeps the "
-                  "epoch with the best validation ROC AUC (star). Validation subjects come from the training side "
-                  "of the fold, never from its test scans. A validation AUC far above the test AUC means the epoch "
-                  "choice overfitted the small validation set.", ""]
-    lines += _glossary()
-    lines += ["## Provenance", ""]
-    for key in ("created", "command", "git_commit", "data_fingerprint_sha256", "device"):
-        if provenance.get(key):
-            lines.append(f"- {key}: `{provenance[key]}`")
-    settings = reference["metrics"].get("reference_settings") if reference is not None else None
-    if settings:
-        lines.append(f"- reference model: {settings.get('preprocessing', '?')} preprocessing, "
-                     f"PCA {settings.get('n_components', '?')} components, "
-                     f"logistic regression C={settings.get('C', '?')}; "
-                     "fitted on each fold's training subjects")
-    lines += ["- files: `metrics.json`, `oof_predictions.csv`, `val_predictions.csv`, `folds.csv`"
-              + (", `reference/`" if reference is not None else ""), ""]
+    lines += _curves_section(history, written)
+    lines += _glossary(classes)
+    lines += _provenance_section(provenance, reference)
     path = atomic_write_text(run_dir / "report.md", "\n".join(lines))
     log.info("report written: %s", path)
     return path
@@ -680,7 +723,7 @@ def add_reference(run_dir: str | Path, data_root: str | Path | None = None, over
     The run's ``config.yaml``, ``datalist.csv`` and ``folds.csv`` are used; the image paths in the
     datalist must still exist (or give ``data_root`` to rediscover them). ``overrides``: config
     assignments for this fit, e.g. ``["reference.features=regions"]`` (region-level features)."""
-    from petmonai.data import discover, train_rows
+    from petmonai.data import data_options, discover, train_rows
     from petmonai.evaluation.reference import run_reference_cv
     from petmonai.data import load_folds
 
@@ -694,7 +737,7 @@ def add_reference(run_dir: str | Path, data_root: str | Path | None = None, over
     for assignment in overrides or []:
         apply_override(cfg, assignment)
     if data_root is not None:
-        datalist = train_rows(discover(data_root))
+        datalist = train_rows(discover(data_root, **data_options(cfg)))
     else:
         datalist = _read_csv(run_dir / "datalist.csv")
         if datalist is None:

@@ -3,13 +3,18 @@
     run folder + new volumes
       -> the run's own preprocessing (its saved ``config.yaml``)
       -> views (3D: sliding windows of the training crop x test-time flips)
-      -> every fold model of the run -> softmax P(MCI) averaged over views and models
+      -> every fold model of the run -> softmax P(positive class, MCI by default) averaged over views and models
       -> the run's decision threshold -> ``submission.csv``, ``submission.probabilities.csv``, provenance
          (side files named after the submission: :func:`output_paths`)
 
 >>> from petmonai.inference.predictor import predict
 >>> result = predict("runs/real", ["../shared/data/pet2023/Test"], "out/submission.csv")  # doctest: +SKIP
 >>> result.table[["uuid", "prob_mci", "label"]].head()  # doctest: +SKIP
+
+The classes come from the run (its ``data.classes``): a CN vs AD run writes ``prob_ad`` and labels
+CN/AD. Inputs are challenge files named ``<uuid>.nii[.gz]`` (the submission keys rows by that
+integer), PET-BIDS files, or a BIDS dataset (every PET file of the run's ``data.tracer``), whose rows
+are named by the BIDS file name (``sub-01_ses-02``).
 
 How a volume is turned into network inputs is a *view strategy* (:mod:`petmonai.inference.views`),
 chosen by ``inference.views`` in the run config (``auto``: from the model): sliding windows x
@@ -40,7 +45,8 @@ import pandas as pd
 import torch
 from monai.data import MetaTensor
 from petmonai import CLASS_NAMES
-from petmonai.data import is_nifti, nifti_stem, read_header
+from petmonai.data import data_options, discover_bids, is_bids, is_nifti, nifti_stem, parse_pet_name, prob_column, \
+    read_header, run_classes
 from petmonai.errors import ConfigError, DataError, PetmonaiError
 from petmonai.models import model_facts
 from petmonai.runs import atomic_write_csv, atomic_write_json, atomic_write_text, get_logger, read_run_config
@@ -50,7 +56,10 @@ from petmonai.inference.views import VIEW_STRATEGIES, SlidingWindowFlips3D, View
 log = get_logger("predict")
 
 
-MCI_INDEX = CLASS_NAMES.index("MCI")
+POSITIVE_INDEX = 1
+
+
+"""The network's output unit of the positive class (the second of ``data.classes``)."""
 
 
 SUBMISSION = "submission.csv"
@@ -70,8 +79,13 @@ SKIPPED = ".skipped.csv"
 SALIENCY_DIR = ".saliency"
 
 
-PROBABILITY_COLUMNS = ["uuid", "file", "prob_mci", "label", "prob_sd", "prob_sd_folds", "n_views", "n_models",
-                       "subject", "subject_in_training"]
+def probability_columns(classes=CLASS_NAMES) -> list[str]:
+    """The columns of ``probabilities.csv``: ``prob_<positive class>`` (``prob_mci``) is the mean probability."""
+    return ["uuid", "file", prob_column(classes), "label", "prob_sd", "prob_sd_folds", "n_views", "n_models",
+            "subject", "subject_in_training"]
+
+
+PROBABILITY_COLUMNS = probability_columns()
 
 
 COMMON_DEFAULTS: dict = {
@@ -89,7 +103,7 @@ COMMON_DEFAULTS: dict = {
     "min_extent_fraction": 0.5,  # a volume must span this fraction of the crop's extent (mm) on each axis
     "saliency_layer": "auto",    # Grad-CAM target layer (a module name of the network); auto: the one the
                                  # model registered (petmonai.models.registry), else its last convolution
-    "saliency_class": "predicted",  # predicted | MCI | NC: the class whose evidence Grad-CAM maps
+    "saliency_class": "predicted",  # predicted | one of the run's classes: the class whose evidence Grad-CAM maps
 }
 
 
@@ -121,8 +135,9 @@ def resolve_options(cfg: dict, overrides: dict | None = None) -> dict:
         options["saliency_layer"] = model_facts(cfg["model"]).saliency_layer or "auto"
     if int(options["batch_size"]) < 1:
         raise ConfigError("inference.batch_size must be at least 1")
-    if str(options["saliency_class"]) not in ("MCI", "NC", "predicted"):
-        raise ConfigError(f"inference.saliency_class: '{options['saliency_class']}' is not MCI, NC or predicted")
+    choices = [*run_classes(cfg), "predicted"]
+    if str(options["saliency_class"]) not in choices:
+        raise ConfigError(f"inference.saliency_class: '{options['saliency_class']}' is not one of {choices}")
     return options
 
 
@@ -178,6 +193,7 @@ class LoadedRun:
     amp_dtype: torch.dtype | None
     run_provenance: dict = field(default_factory=dict)
     checkpoints: list = field(default_factory=list)   # (repeat, fold, path) of the models to load
+    classes: tuple = CLASS_NAMES                       # the run's data.classes (negative, positive)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -326,7 +342,7 @@ def load_run(run_dir: str | Path, overrides: dict | None = None, with_models: bo
     run = LoadedRun(run_dir=run_dir.resolve(), cfg=cfg, options=options, preprocess=build_pipelines(cfg)[0],
                     strategy=strategy, models=[], threshold=threshold, threshold_source=source,
                     training_subjects=training_subjects(run_dir), device=device, amp=amp, amp_dtype=amp_dtype,
-                    run_provenance=run_prov)
+                    run_provenance=run_prov, classes=run_classes(cfg))
     run.checkpoints = checkpoints
     if with_models:
         load_models(run)
@@ -353,19 +369,30 @@ def load_models(run: LoadedRun) -> LoadedRun:
 @dataclass
 class InputFile:
     path: Path
-    uuid: int
+    uuid: int | str         # the challenge's integer file stem, or a BIDS scan name (sub-01_ses-02)
+    subject: str = ""       # a BIDS file's subject (sub-01); '' reads it from the header's db_name
+
+    @property
+    def seed(self) -> int:
+        """Seeds the views of random view strategies: the uuid, or a checksum of a BIDS name."""
+        return self.uuid if isinstance(self.uuid, int) else zlib.crc32(self.uuid.encode())
 
 
-def collect_inputs(inputs: Sequence[str | Path]) -> list[InputFile]:
-    """The NIfTI files named by ``inputs`` (folders: their ``*.nii``/``*.nii.gz``, not recursive),
-    sorted by uuid. Empty input, a non-numeric file stem and two files with one uuid
-    (``7.nii`` and ``7.nii.gz``) are errors."""
+def collect_inputs(inputs: Sequence[str | Path], cfg: dict | None = None) -> list[InputFile]:
+    """The NIfTI files named by ``inputs`` (folders: their ``*.nii``/``*.nii.gz``, not recursive; a BIDS
+    dataset: every PET file of ``cfg``'s ``data.tracer``), sorted by uuid. Empty input, a file stem that is
+    neither an integer nor a PET-BIDS name, two files with one uuid (``7.nii`` and ``7.nii.gz``), and
+    challenge files mixed with BIDS files are errors."""
     if not inputs:
         raise PetmonaiError("no input given (--input FOLDER or FILES)")
     files: list[Path] = []
+    bids: list[InputFile] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
+        if path.is_dir() and is_bids(path):
+            table = discover_bids(path, labels=False, tracer=data_options(cfg)["tracer"])
+            bids += [InputFile(Path(i), u, s) for i, u, s in zip(table["image"], table["uuid"], table["subject"])]
+        elif path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
             if not found:
                 raise PetmonaiError(f"{path}: input folder holds no .nii or .nii.gz file")
@@ -382,11 +409,16 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[InputFile]:
         if key not in seen:
             seen.add(key)
             unique.append(path)
+    named = [p for p in unique if parse_pet_name(p.name) is not None]
+    bids += [InputFile(p, parse_pet_name(p.name)["stem"], f"sub-{parse_pet_name(p.name)['sub']}") for p in named]
+    unique = [p for p in unique if p not in named]
     bad = [p for p in unique if not (nifti_stem(p).isascii() and nifti_stem(p).isdigit())]
     if bad:
         names = ", ".join(str(p) for p in bad[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
         raise PetmonaiError(f"file name(s) without an integer uuid stem: {names}; the submission needs "
-                            "files named <uuid>.nii or <uuid>.nii.gz")
+                            "files named <uuid>.nii or <uuid>.nii.gz (or PET-BIDS files, or a BIDS dataset)")
+    if bids:
+        return _bids_inputs(bids, unique)
     by_uuid: dict[int, list[Path]] = {}
     for path in unique:
         by_uuid.setdefault(int(nifti_stem(path)), []).append(path)
@@ -395,6 +427,19 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[InputFile]:
         text = "; ".join(f"uuid {u}: {', '.join(map(str, ps))}" for u, ps in sorted(dups.items()))
         raise PetmonaiError(f"duplicate uuid(s): {text} (one file per uuid)")
     return [InputFile(ps[0], u) for u, ps in sorted(by_uuid.items())]
+
+
+def _bids_inputs(bids: list[InputFile], challenge: list[Path]) -> list[InputFile]:
+    """BIDS inputs sorted by name; one scan named twice counts once, two files of one name are an error."""
+    if challenge:
+        raise PetmonaiError(f"challenge files ({challenge[0]}, ...) mixed with BIDS files ({bids[0].path}, ...): "
+                            "predict them in two runs (their rows are keyed differently)")
+    by_name: dict[str, InputFile] = {}
+    for item in bids:
+        other = by_name.setdefault(item.uuid, item)
+        if other.path.resolve() != item.path.resolve():
+            raise PetmonaiError(f"two BIDS files named {item.uuid}: {other.path}, {item.path} (one file per scan)")
+    return [by_name[name] for name in sorted(by_name)]
 
 
 @dataclass
@@ -425,7 +470,7 @@ def preprocess_file(item: InputFile, run: LoadedRun) -> Prepared:
     """Read and preprocess one input exactly as the run's training data; :class:`DataError` names
     the file when it cannot be read, has NaN/Inf, is empty or has an unexpected shape."""
     volume, affine, header = preprocess_path(item.path, run.preprocess, run.cfg, float(run.options["min_extent_fraction"]))
-    return Prepared(item, volume, affine, header["subject"])
+    return Prepared(item, volume, affine, item.subject or header["subject"])
 
 
 def preprocess_path(path: Path, preprocess, cfg: dict, min_extent_fraction: float) -> tuple[torch.Tensor, np.ndarray | None, dict]:
@@ -500,7 +545,7 @@ def prepare_all(files: Sequence[InputFile], run: LoadedRun, skip_bad: bool) -> t
 def network_view_probabilities(net: torch.nn.Module, views: torch.Tensor, device: torch.device, batch_size: int,
                                amp: bool = False, amp_dtype: torch.dtype | None = None,
                                channels_last: bool = False) -> np.ndarray:
-    """P(MCI) of one network for every view of a batch ``(N, C, ...)``, ``batch_size`` views a pass."""
+    """P(positive class) of one network for every view of a batch ``(N, C, ...)``, ``batch_size`` views a pass."""
     out = np.empty(len(views), dtype=np.float64)
     for start in range(0, len(views), batch_size):
         batch = views[start:start + batch_size].to(device, non_blocking=True)
@@ -508,14 +553,14 @@ def network_view_probabilities(net: torch.nn.Module, views: torch.Tensor, device
             batch = batch.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             logits = net(batch)
-        if logits.ndim != 2 or logits.shape[1] != len(CLASS_NAMES):
-            raise PetmonaiError(f"model output of shape {tuple(logits.shape)}: expected (batch, {len(CLASS_NAMES)})")
-        out[start:start + len(batch)] = torch.softmax(logits.float(), dim=1)[:, MCI_INDEX].cpu().numpy()
+        if logits.ndim != 2 or logits.shape[1] != 2:
+            raise PetmonaiError(f"model output of shape {tuple(logits.shape)}: expected (batch, 2), one unit per class")
+        out[start:start + len(batch)] = torch.softmax(logits.float(), dim=1)[:, POSITIVE_INDEX].cpu().numpy()
     return out
 
 
 def predict_views(run: LoadedRun, volume: torch.Tensor, seed: int = 0) -> np.ndarray:
-    """P(MCI) of every (model, view) pair for one preprocessed volume: shape ``(n_models, n_views)``."""
+    """P(positive class) of every (model, view) pair for one preprocessed volume: shape ``(n_models, n_views)``."""
     rng = np.random.default_rng(seed)
     views = run.strategy.views(volume, rng)
     batch_size = int(run.options["batch_size"])
@@ -528,7 +573,7 @@ def predict_views(run: LoadedRun, volume: torch.Tensor, seed: int = 0) -> np.nda
 
 
 class HeldOutViews:
-    """Scores a fold's held-out scans the way ``predict.py`` scores new ones: the mean P(MCI) over
+    """Scores a fold's held-out scans the way ``predict.py`` scores new ones: the mean P(positive class) over
     the run config's prediction views (``inference:`` section; e.g. sliding windows of the crop
     size x left-right flips), by that fold's network alone. Cross-validation uses it with
     ``cv.test_views: inference``, so its out-of-fold metrics describe the predictor users run.
@@ -542,7 +587,7 @@ class HeldOutViews:
     16
     >>> net = build_model(cfg["model"])      # a fold's network (untrained here)
     >>> volume = torch.rand(1, *cfg["spatial_size"])     # a preprocessed held-out scan
-    >>> probs = scorer(net, {"scan_7": volume})          # one mean P(MCI) per scan
+    >>> probs = scorer(net, {"scan_7": volume})          # one mean P(positive class) per scan
     >>> probs.shape, bool(0.0 < probs[0] < 1.0)
     ((1,), True)
     """
@@ -571,10 +616,11 @@ class HeldOutViews:
         return np.asarray(out, dtype=np.float64)
 
 
-def summarise_views(probs: np.ndarray) -> dict:
-    """Mean P(MCI) over all views and models, its spread (sd over all), the sd of the model means."""
+def summarise_views(probs: np.ndarray, classes=CLASS_NAMES) -> dict:
+    """Mean P(positive class) over all views and models (``prob_<positive>``), its spread (sd over all),
+    the sd of the model means."""
     return {
-        "prob_mci": float(probs.mean()),
+        prob_column(classes): float(probs.mean()),
         "prob_sd": float(probs.std()),
         "prob_sd_folds": float(probs.mean(axis=1).std()) if probs.shape[0] > 1 else 0.0,
         "n_views": int(probs.size),
@@ -597,8 +643,8 @@ def torch_threads(n):
         torch.set_num_threads(before)
 
 
-def label_of(prob: float, threshold: float) -> str:
-    return "MCI" if prob >= threshold else "NC"
+def label_of(prob: float, threshold: float, classes=CLASS_NAMES) -> str:
+    return classes[1] if prob >= threshold else classes[0]
 
 
 @dataclass
@@ -609,7 +655,7 @@ class PredictionResult:
     paths: dict
     provenance: dict
     seconds: float
-    views: dict = field(default_factory=dict)   # uuid -> P(MCI) per (model, view)
+    views: dict = field(default_factory=dict)   # uuid -> P(positive class) per (model, view)
 
 
 def output_paths(output: str | Path, saliency: bool) -> dict:
@@ -646,10 +692,10 @@ def predict(run_dir: str | Path, inputs: Sequence[str | Path], output: str | Pat
     atomically, the submission after its ``.probabilities.csv``; :func:`output_paths` names them.
     """
     t0 = time.perf_counter()
-    files = collect_inputs(inputs)
     paths = output_paths(output, saliency)
     check_outputs(paths, overwrite)
     run = load_run(run_dir, options, with_models=False)
+    files = collect_inputs(inputs, run.cfg)
     if saliency and not isinstance(run.strategy, SlidingWindowFlips3D):
         raise ConfigError(f"--saliency maps volumes of a 3D model; run {run_dir} predicts with "
                           f"'{run.strategy.name}' views (a 2D slice model): predict without --saliency")
@@ -671,23 +717,24 @@ def predict(run_dir: str | Path, inputs: Sequence[str | Path], output: str | Pat
 
         rows, per_view = [], {}
         for i, prep in enumerate(prepared):
-            probs = predict_views(run, prep.volume, seed=prep.item.uuid)
+            probs = predict_views(run, prep.volume, seed=prep.item.seed)
             per_view[prep.item.uuid] = probs
-            summary = summarise_views(probs)
+            summary = summarise_views(probs, run.classes)
             rows.append({"uuid": prep.item.uuid, "file": str(prep.item.path.resolve()), **summary,
-                         "label": label_of(summary["prob_mci"], run.threshold), "subject": prep.subject,
+                         "label": label_of(summary[prob_column(run.classes)], run.threshold, run.classes),
+                         "subject": prep.subject,
                          "subject_in_training": bool(prep.subject) and prep.subject in run.training_subjects})
             if (i + 1) % 10 == 0 or i + 1 == len(prepared):
                 log.info("predicted %d/%d (%.1fs)", i + 1, len(prepared), time.perf_counter() - t0)
 
-        table = pd.DataFrame(rows, columns=PROBABILITY_COLUMNS).sort_values("uuid").reset_index(drop=True)
+        table = pd.DataFrame(rows, columns=probability_columns(run.classes)).sort_values("uuid").reset_index(drop=True)
         submission = table[["uuid", "label"]]
         skipped = pd.DataFrame(bad, columns=["uuid", "file", "problem"]).sort_values("uuid").reset_index(drop=True)
         if len(table) + len(skipped) != len(files):  # every input is either predicted or listed as skipped
             raise AssertionError(f"{len(files)} inputs, {len(table)} predicted, {len(skipped)} skipped")
 
         submission_text = submission.to_csv(index=False)
-        check_submission_text(submission_text, expected=len(table))
+        check_submission_text(submission_text, expected=len(table), classes=run.classes)
         prov = prediction_provenance(run, files, table, skipped, paths, submission_text, skip_bad)
         atomic_write_csv(paths["probabilities"], table)
         if len(skipped):
@@ -696,9 +743,10 @@ def predict(run_dir: str | Path, inputs: Sequence[str | Path], output: str | Pat
             paths["skipped"].unlink()  # a stale list from an earlier --overwrite'd prediction
         atomic_write_text(paths["submission"], submission_text)
         atomic_write_json(paths["provenance"], prov)
-        log.info("wrote %s: %d scans (%d MCI, %d NC), %d of them subjects of the training data; %d skipped%s",
-                 paths["submission"], len(table), int((table["label"] == "MCI").sum()),
-                 int((table["label"] == "NC").sum()), int(table["subject_in_training"].sum()), len(skipped),
+        log.info("wrote %s: %d scans (%d %s, %d %s), %d of them subjects of the training data; %d skipped%s",
+                 paths["submission"], len(table), int((table["label"] == run.classes[1]).sum()), run.classes[1],
+                 int((table["label"] == run.classes[0]).sum()), run.classes[0],
+                 int(table["subject_in_training"].sum()), len(skipped),
                  f" (listed in {paths['skipped']})" if len(skipped) else "")
 
         if saliency:
@@ -712,17 +760,18 @@ def predict(run_dir: str | Path, inputs: Sequence[str | Path], output: str | Pat
         return PredictionResult(table, submission, skipped, paths, prov, time.perf_counter() - t0, per_view)
 
 
-def check_submission_text(text: str, expected: int | None = None) -> None:
-    """The challenge format: header ``uuid,label``, integer uuids sorted ascending, NC/MCI labels."""
+def check_submission_text(text: str, expected: int | None = None, classes=CLASS_NAMES) -> None:
+    """The challenge format: header ``uuid,label``, integer uuids sorted ascending (BIDS scan names: sorted
+    names), labels of the run's ``classes``."""
     lines = text.strip("\n").split("\n")
     if lines[0] != "uuid,label":
         raise AssertionError(f"submission header is {lines[0]!r}")
     uuids = []
     for line in lines[1:]:
         uuid, label = line.split(",")
-        if not uuid.isdigit() or label not in CLASS_NAMES:
+        if not (uuid.isdigit() or parse_pet_name(f"{uuid}_pet.nii")) or label not in classes:
             raise AssertionError(f"bad submission row {line!r}")
-        uuids.append(int(uuid))
+        uuids.append(int(uuid) if uuid.isdigit() else uuid)
     if uuids != sorted(set(uuids)):
         raise AssertionError("submission uuids are not unique and sorted")
     if expected is not None and len(uuids) != expected:
@@ -760,7 +809,7 @@ def prediction_provenance(run: LoadedRun, files, table, skipped, paths, submissi
 
 
 def model_view_probabilities(run: LoadedRun, model: FoldModel, volume: torch.Tensor, seed: int) -> np.ndarray:
-    """P(MCI) of every view of one preprocessed volume by one fold model of ``run`` alone."""
+    """P(positive class) of every view of one preprocessed volume by one fold model of ``run`` alone."""
     single = copy.copy(run)
     single.models = [model]
     return predict_views(single, volume, seed=seed)[0]
@@ -768,7 +817,7 @@ def model_view_probabilities(run: LoadedRun, model: FoldModel, volume: torch.Ten
 
 def predict_out_of_fold(run_dir: str | Path, options: dict | None = None, role: str | Sequence[str] = "test",
                         progress: bool = True, run: LoadedRun | None = None) -> pd.DataFrame:
-    """Per-view P(MCI) of every held-out scan of the run, by that fold's model only (``role``: another
+    """Per-view P(positive class) of every held-out scan of the run, by that fold's model only (``role``: another
     folds.csv role, or several in one pass, e.g. ``("train", "val")``: each fold's training scans).
 
     Returns one row per (repeat, fold, scan) with ``label``, ``subject`` and ``probs`` (an array

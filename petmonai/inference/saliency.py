@@ -4,7 +4,7 @@
 >>> predict("runs/real", ["Test/"], "out/submission.csv", saliency=True)   # out/submission.saliency/<uuid>_gradcam.*  # doctest: +SKIP
 
 Per volume and per fold model, MONAI :class:`monai.visualize.GradCAM` maps the evidence for one
-class (``inference.saliency_class``: the predicted label by default, or always MCI or NC) on the
+class (``inference.saliency_class``: the predicted label by default, or always one of the run's classes) on the
 whole preprocessed volume, as the run's evaluator saw it, and on its test-time flips (each map
 flipped back). Each map is scaled to a maximum of 1 and the maps are averaged over flips and
 models. The target layer (``inference.saliency_layer``, ``auto``) is the one the model registered
@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 from scipy.ndimage import map_coordinates
 from petmonai import CLASS_NAMES
+from petmonai.data import prob_column
 from petmonai.errors import PetmonaiError
 from petmonai.models import saliency_layer
 from petmonai.runs import atomic_write_bytes, get_logger
@@ -162,9 +163,10 @@ def brain_only(values: np.ndarray, pet: np.ndarray) -> np.ndarray:
     return out / peak if peak > 0 else out
 
 
-def saliency_class(option: str, label: str) -> int:
+def saliency_class(option: str, label: str, classes=CLASS_NAMES) -> int:
+    """The output unit Grad-CAM maps: the predicted ``label``'s, or the class ``option`` names."""
     name = label if option == "predicted" else option
-    return CLASS_NAMES.index(name)
+    return list(classes).index(name)
 
 
 def write_saliency(run, prepared, table: pd.DataFrame, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
@@ -178,7 +180,7 @@ def write_saliency(run, prepared, table: pd.DataFrame, out_dir: str | Path, over
     out_dir.mkdir(parents=True, exist_ok=True)
     by_uuid = table.set_index("uuid")
     option = str(run.options["saliency_class"])
-    classes = [saliency_class(option, by_uuid.loc[p.item.uuid, "label"]) for p in prepared]
+    classes = [saliency_class(option, by_uuid.loc[p.item.uuid, "label"], run.classes) for p in prepared]
     flips = getattr(run.strategy, "flips", [()])
     written = []
     batch = 8  # volumes per pass over the models: bounded memory, models copied once per batch
@@ -197,10 +199,11 @@ def write_saliency(run, prepared, table: pd.DataFrame, out_dir: str | Path, over
             nii = atomic_write_bytes(out_dir / f"{stem}.nii.gz", nifti_bytes(mapped, ref))
             row = by_uuid.loc[prep.item.uuid]
             empty = "" if mapped.max() > 0 else " (no voxel supports this class)"
-            title = (f"uuid {prep.item.uuid}: P(MCI) = {row['prob_mci']:.2f} -> {row['label']}   "
-                     f"Grad-CAM ({run.options['saliency_layer']}) for {CLASS_NAMES[cls]}{empty}, "
+            positive, name = run.classes[1], run.classes[cls]
+            title = (f"uuid {prep.item.uuid}: P({positive}) = {row[prob_column(run.classes)]:.2f} -> {row['label']}   "
+                     f"Grad-CAM ({run.options['saliency_layer']}) for {name}{empty}, "
                      f"{len(run.models)} model(s) x {len(flips)} flip(s)")
             png = atomic_write_bytes(out_dir / f"{stem}.png",
-                                     montage_png(pet, mapped, ref.affine, title, f"Grad-CAM, {CLASS_NAMES[cls]} (max 1)"))
+                                     montage_png(pet, mapped, ref.affine, title, f"Grad-CAM, {name} (max 1)"))
             written += [nii, png]
     return written

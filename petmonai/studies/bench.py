@@ -146,15 +146,8 @@ def engine_loop(net, batches, device, train_cfg, tmp_dir) -> float:
     return marks["end"] - marks["start"]
 
 
-def benchmark_training(cfg: dict, datalist, device: torch.device, epochs: int = 3, rounds: int = 7,
-                       tmp_dir=None) -> dict:
-    """Cold vs cached preprocessing, volumes/s, data wait, FLOP/s ratio, engine vs bare loop, memory."""
-    import tempfile
-
-    tmp_dir = tmp_dir or tempfile.mkdtemp(prefix="petmonai-bench-")
-    train = train_rows(datalist)
-    configure_backends(device, cfg["train"])  # as training does (the CPU allocator setting)
-    preprocess, augment = build_pipelines(cfg)
+def _time_cache(cfg: dict, train, preprocess) -> tuple:
+    """The cache built cold (one worker) and read back: ``(cache, cold s/volume, cached s/volume, MB/volume)``."""
     t0 = time.perf_counter()
     cache = build_cache({**cfg, "data": {**cfg["data"], "cache_workers": 1}}, train, preprocess)
     cold = (time.perf_counter() - t0) / len(cache)
@@ -164,13 +157,12 @@ def benchmark_training(cfg: dict, datalist, device: torch.device, epochs: int = 
         cache[sid]
     cached = (time.perf_counter() - t0) / len(ids)
     volume_mb = sum(cache[s]["image"].numel() * 4 for s in ids) / len(ids) / 1024**2
+    return cache, cold, cached, volume_mb
 
+
+def _time_epochs(cfg: dict, loader, device, epochs: int, tmp_dir) -> tuple[float, float]:
+    """Full epochs through the real loader: ``(volumes/s, data-wait fraction)``, the first epoch left out."""
     tcfg = cfg["train"]
-    bs = int(tcfg["batch_size"])
-    torch.manual_seed(0)
-    loader = training_loader(cache, ids, augment, tcfg, device)  # as training
-
-    # 1. full epochs through the real loader: throughput and data-wait fraction
     net = build_model(cfg["model"], cfg).to(device)
     trainer, _ = build_engines(net, loader, None, tmp_dir, {**tcfg, "max_epochs": epochs}, device, progress_bar=False)
     timer = DataWaitTimer()
@@ -179,36 +171,60 @@ def benchmark_training(cfg: dict, datalist, device: torch.device, epochs: int = 
     later = slice(1, None) if epochs > 1 else slice(0, None)
     epoch_time = sum(timer.epoch_time[later])
     wait_fraction = sum(timer.wait[later]) / epoch_time
-    volumes_per_s = len(loader.dataset) * len(timer.epoch_time[later]) / epoch_time
+    return len(loader.dataset) * len(timer.epoch_time[later]) / epoch_time, wait_fraction
 
-    # 2. engine vs bare loop on identical pre-made batches, alternated to share the machine's noise
-    # each timed run long enough (>= 30 batches) that scheduler noise averages out
-    batches = [b for b in loader]
-    batches = batches * max(1, -(-30 // len(batches)))
+
+def _engine_vs_bare(cfg: dict, batches: list, device, rounds: int, tmp_dir) -> tuple[list, list]:
+    """Engine vs bare loop on identical pre-made batches, alternated to share the machine's noise:
+    the seconds of each round, ``(engine, bare)``."""
+    tcfg = cfg["train"]
     engine_t, bare_t = [], []
     bare_loop(build_model(cfg["model"], cfg).to(device), batches[:2], device)  # warm-up
     for _ in range(rounds):
         engine_t.append(engine_loop(build_model(cfg["model"], cfg).to(device), batches, device, tcfg, tmp_dir))
         bare_t.append(bare_loop(build_model(cfg["model"], cfg).to(device), batches, device, float(tcfg["lr"])))
-    n_volumes = sum(len(b["label"]) for b in batches)
+    return engine_t, bare_t
 
-    # 3. achieved FLOP/s relative to a large matmul measured now
+
+def _big_input_volumes_per_s(cfg: dict, device, bs: int) -> float:
+    """The issue's reference point: volumes/s of a bare step at 96x96x64."""
+    big = [{"image": torch.randn(bs, 1, 96, 96, 64), "label": torch.randint(0, 2, (bs,))} for _ in range(3)]
+    bare_loop(build_model(cfg["model"], cfg).to(device), big[:1], device)  # warm-up
+    return 3 * bs / bare_loop(build_model(cfg["model"], cfg).to(device), big, device)
+
+
+def benchmark_training(cfg: dict, datalist, device: torch.device, epochs: int = 3, rounds: int = 7,
+                       tmp_dir=None) -> dict:
+    """Cold vs cached preprocessing, volumes/s, data wait, FLOP/s ratio, engine vs bare loop, memory."""
+    import tempfile
+
+    tmp_dir = tmp_dir or tempfile.mkdtemp(prefix="petmonai-bench-")
+    configure_backends(device, cfg["train"])  # as training does (the CPU allocator setting)
+    preprocess, augment = build_pipelines(cfg)
+    cache, cold, cached, volume_mb = _time_cache(cfg, train_rows(datalist), preprocess)
+    tcfg = cfg["train"]
+    bs = int(tcfg["batch_size"])
+    torch.manual_seed(0)
+    loader = training_loader(cache, cache.scan_ids, augment, tcfg, device)  # as training
+    volumes_per_s, wait_fraction = _time_epochs(cfg, loader, device, epochs, tmp_dir)
+    # each timed run long enough (>= 30 batches) that scheduler noise averages out
+    batches = [b for b in loader]
+    batches = batches * max(1, -(-30 // len(batches)))
+    engine_t, bare_t = _engine_vs_bare(cfg, batches, device, rounds, tmp_dir)
+    n_volumes = sum(len(b["label"]) for b in batches)
+    # achieved FLOP/s relative to a large matmul measured now
     crop = tuple(batches[0]["image"].shape)
     step_flops = training_step_flops(build_model(cfg["model"], cfg).to(device), crop, device)
     bare_step_s = statistics.median(bare_t) / len(batches)
     ceiling = matmul_flops(device)
-
-    # 4. the issue's reference point: a bare step at 96x96x64
-    big = [{"image": torch.randn(bs, 1, 96, 96, 64), "label": torch.randint(0, 2, (bs,))} for _ in range(3)]
-    bare_loop(build_model(cfg["model"], cfg).to(device), big[:1], device)  # warm-up
-    big_s = bare_loop(build_model(cfg["model"], cfg).to(device), big, device)
+    big_volumes_per_s = _big_input_volumes_per_s(cfg, device, bs)
     precision = benchmark_precision(cfg, batches, device, tmp_dir) if device.type == "cuda" else None
     return {
         "precision": precision,
         "machine": machine(),
         "versions": versions(),
         "device": str(device),
-        "volumes": len(ids),
+        "volumes": len(cache.scan_ids),
         "batch_shape": list(crop),
         "cold_preprocess_s_per_volume": cold,
         "cached_fetch_s_per_volume": cached,
@@ -225,7 +241,7 @@ def benchmark_training(cfg: dict, datalist, device: torch.device, epochs: int = 
         "achieved_flops_per_s": step_flops / bare_step_s,
         "matmul_flops_per_s": ceiling,
         "fraction_of_matmul": step_flops / bare_step_s / ceiling,
-        "bare_volumes_per_s_96x96x64": 3 * bs / big_s,
+        "bare_volumes_per_s_96x96x64": big_volumes_per_s,
         "peak_rss_gb": peak_rss_gb(),
     }
 

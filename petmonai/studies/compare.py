@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 import numpy as np
 import pandas as pd
+from petmonai import CLASS_NAMES
 from petmonai.config import default_config_path
+from petmonai.data import prob_column
 from petmonai.errors import PetmonaiError
 from petmonai.evaluation import paired_auc_difference
 from petmonai.evaluation.report import _ci
@@ -130,6 +132,7 @@ def _metric_block(metrics: dict) -> dict:
 def model_entry(name: str, folder: Path) -> dict:
     metrics = json.loads((folder / "metrics.json").read_text())
     oof = pd.read_csv(folder / "oof_predictions.csv", dtype={"scan_id": str})
+    oof["prob"] = oof[prob_column(metrics.get("classes") or CLASS_NAMES)]  # the positive class's probability
     entry = {"name": name, "folder": str(folder), **_metric_block(metrics),
              "headline": metrics["headline"]["text"]}
     resources = folder / "resources.json"
@@ -143,14 +146,14 @@ def model_entry(name: str, folder: Path) -> dict:
 
 def paired_difference(a: dict, b: dict, protocol: str, n_boot: int = 2000, seed: int = 0) -> dict:
     """AUC(a) - AUC(b) on the scans both predicted out of fold, one subject bootstrap for both."""
-    cols = ["repeat", "fold", "scan_id", "label", "subject", "prob_mci"]
+    cols = ["repeat", "fold", "scan_id", "label", "subject", "prob"]
     merged = a["oof"][cols].merge(b["oof"][cols], on=["repeat", "fold", "scan_id", "label", "subject"],
                                   suffixes=("_a", "_b"))
     if len(merged) != len(a["oof"]) or len(merged) != len(b["oof"]):
         raise PetmonaiError(f"{a['name']} and {b['name']} did not predict the same scans in the same folds: "
                             "the runs do not share their folds")
     groups = merged["repeat"].astype(str) + ("/" + merged["fold"].astype(str) if protocol == "site-pair" else "")
-    d = paired_auc_difference(merged["label"], merged["prob_mci_a"], merged["prob_mci_b"], merged["subject"],
+    d = paired_auc_difference(merged["label"], merged["prob_a"], merged["prob_b"], merged["subject"],
                               groups=groups, n_boot=n_boot, seed=seed)
     return {"a": a["name"], "b": b["name"], **d,
             "statistic": "mean per-fold AUC" if protocol == "site-pair" else "pooled out-of-fold AUC"}
@@ -247,7 +250,7 @@ def plot_comparison(results: dict, path: Path) -> Path:
     for ax, (protocol, r) in zip(axes, results.items()):
         for m in r["models"]:
             oof = m["oof"]
-            fpr, tpr, _ = roc_curve(oof["label"], oof["prob_mci"])
+            fpr, tpr, _ = roc_curve(oof["label"], oof["prob"])
             auc = m["roc_auc"]["value"]
             ax.plot(fpr, tpr, color=colour(m["name"]), lw=2, label=f"{m['name']} ({m['statistic']} AUC {auc:.2f})")
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)

@@ -25,7 +25,7 @@ import torch
 from monai.data import DataLoader, DistributedSampler, ThreadDataLoader
 from monai.utils import set_determinism
 import petmonai.training.distributed as dist
-from petmonai.data import to_items, train_rows
+from petmonai.data import prob_column, run_classes, to_items, train_rows
 from petmonai.data import UntrackedDataset, VolumeCache
 from petmonai.runs import BEST_CHECKPOINT
 from petmonai.models import load_weights
@@ -239,7 +239,7 @@ def _held_out_predictions(cfg: dict, cache: VolumeCache, net: torch.nn.Module, i
         if dist.world_size() > 1:
             probs = np.asarray(dist.gather_sharded(probs.tolist()), dtype=np.float64)
         preds.append(pd.DataFrame({"repeat": where[0], "fold": where[1], "role": role, "scan_id": ids[role],
-                                   "prob_mci": probs}))
+                                   prob_column(run_classes(cfg)): probs}))
     return pd.concat(preds, ignore_index=True)
 
 
@@ -287,15 +287,17 @@ def fold_summary(info: dict, fold_dir: Path, seconds: float) -> str:
 
 
 def summarise(predictions: pd.DataFrame, datalist: pd.DataFrame, protocol: str, threshold,
-              fold_info: list[dict], n_boot: int = 2000, seed: int = 0) -> dict:
+              fold_info: list[dict], n_boot: int = 2000, seed: int = 0, classes=None) -> dict:
     """Pooled out-of-fold metrics (per repeat, then averaged), per-fold and per-site metrics, each
     with a 95% CI resampling subjects; ``threshold`` a number or ``'tuned'`` (on each fold's ``val``
-    predictions). See :func:`petmonai.evaluation.metrics.evaluate_cv` for the layout of the result."""
+    predictions); ``classes``: the run's (:func:`petmonai.data.classes.run_classes`). See
+    :func:`petmonai.evaluation.metrics.evaluate_cv` for the layout of the result."""
     return evaluate_cv(predictions, datalist, protocol, threshold, fold_info, n_boot=n_boot, seed=seed,
-                       leaky_protocols=LEAKY_PROTOCOLS)
+                       leaky_protocols=LEAKY_PROTOCOLS, classes=run_classes(None) if classes is None else classes)
 
 
-def preprocessed_check(cache: VolumeCache, train: pd.DataFrame, run_dir: Path, preprocess=None) -> dict:
+def preprocessed_check(cache: VolumeCache, train: pd.DataFrame, run_dir: Path, preprocess=None,
+                       classes=None) -> dict:
     """The audit after preprocessing: does any property of the volumes the network will see (shape,
     intensity range, background, brain fraction) still separate the classes? Writes
     ``preprocessed_check.json`` and warns loudly when one does (the audit did the same for the
@@ -317,7 +319,8 @@ def preprocessed_check(cache: VolumeCache, train: pd.DataFrame, run_dir: Path, p
         volumes = {sid: cache[sid]["image"] for sid in cache.scan_ids}
         corr = template_correlations(volumes, register)
         table["template_correlation"] = table["scan_id"].map(corr)
-        names = dict(zip(table["scan_id"], np.where(labels == 1, "MCI", "NC")))
+        negative, positive = run_classes(None) if classes is None else classes
+        names = dict(zip(table["scan_id"], np.where(labels == 1, positive, negative)))
         registration_montage(volumes, register, run_dir / "registration.png", corr, names)
         registration = {"template_correlation": corr, "min": min(corr.values()), "montage": "registration.png"}
     props = table.drop(columns=["scan_id"]).assign(shape=lambda t: pd.factorize(t["shape"])[0],
@@ -351,7 +354,7 @@ def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path,
         train = train[train["scan_id"].isin(cache.scan_ids)].reset_index(drop=True)
 
     if dist.is_main() and not resume:
-        preprocessed_check(cache, train, run_dir, preprocess)
+        preprocessed_check(cache, train, run_dir, preprocess, run_classes(cfg))
 
     cv = cfg["cv"]
 
@@ -390,7 +393,8 @@ def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path,
 
     preds = pd.concat(predictions, ignore_index=True)
     n_boot, threshold = int(cfg["report"]["bootstrap"]), cfg["train"]["threshold"]
-    metrics = summarise(preds, train, protocol, threshold, fold_info, n_boot=n_boot, seed=int(cfg["seed"]))
+    metrics = summarise(preds, train, protocol, threshold, fold_info, n_boot=n_boot, seed=int(cfg["seed"]),
+                        classes=run_classes(cfg))
     scorer = test_view_scorer(cfg, device)
     metrics["test_views"] = ({"mode": "inference", **scorer.describe(cache[cache.scan_ids[0]]["image"].shape)}
                              if scorer is not None else {"mode": "evaluator"})

@@ -230,7 +230,7 @@ class PetTrainer(SupervisedTrainer):
 
 
 def mci_probability(output: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decollated engine output -> (P(MCI) per scan, label per scan), both on the predictions' device
+    """Decollated engine output -> (P(positive class) per scan, label per scan), both on the predictions' device
     (ROCAUC indexes one with the other, and gathers them across processes on the GPU)."""
     probs = torch.stack([torch.softmax(torch.as_tensor(o["pred"]).float(), dim=0)[1] for o in output])
     labels = torch.as_tensor([int(o["label"]) for o in output], device=probs.device)
@@ -416,7 +416,7 @@ class EpochHistory:
 @torch.no_grad()
 def predict_probabilities(net: torch.nn.Module, loader, device: torch.device, amp: bool = True,
                           memory_format: torch.memory_format = torch.contiguous_format) -> np.ndarray:
-    """P(MCI) for every item of ``loader``, in order (no augmentation)."""
+    """P(positive class, label 1) for every item of ``loader``, in order (no augmentation)."""
     use_amp, amp_kwargs = amp_settings(device, amp)
     net.eval()
     out = []

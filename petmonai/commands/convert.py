@@ -1,0 +1,98 @@
+"""``petmonai convert-dicom`` and ``petmonai to-bids``: a cohort into BIDS, from scanner DICOM or from the
+challenge layout (or the synthetic phantom cohort).
+
+    petmonai convert-dicom DICOM_DIR --output BIDS_DIR [--mapping ids.csv]
+    petmonai to-bids ../shared/data/pet2023 --output pet2023_bids [--link] [--rename NC=CN --rename MCI=AD]
+    petmonai to-bids --synthetic --output phantoms_bids
+
+User errors end the command with one line on stderr and exit status 2; nothing is written then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from petmonai.commands.cli import user_errors
+from petmonai.errors import PetmonaiError
+
+
+@user_errors
+def convert_dicom_main(argv=None) -> int:
+    from petmonai.data import LABEL_COLUMN
+    from petmonai.data.dicom import convert_dicom
+    from petmonai.runs import setup_logging
+
+    parser = argparse.ArgumentParser(
+        prog="petmonai convert-dicom",
+        description="Convert every PET series (Modality PT) under a DICOM folder into a BIDS dataset (dcm2niix; "
+                    "each slice's RescaleSlope/Intercept applied): sub-<PatientID>/ses-<StudyDate>/pet/"
+                    "..._pet.nii.gz with its JSON sidecar. Other series (CT, MR, localisers) are skipped and listed.")
+    parser.add_argument("dicom_dir", type=Path, help="folder of DICOM files (searched recursively)")
+    parser.add_argument("--output", type=Path, required=True, help="the BIDS dataset to write (new or empty folder)")
+    parser.add_argument("--mapping", type=Path, default=None,
+                        help="CSV/TSV with columns patient_id,subject[,study_date,session]: BIDS labels instead of "
+                             "PatientID and StudyDate")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    args = parser.parse_args(argv)
+    setup_logging(None)
+    result = convert_dicom(args.dicom_dir, args.output, mapping=args.mapping, overwrite=args.overwrite)
+    for item in result["converted"]:
+        print(f"converted {item['series']} -> {args.output / item['file']}")
+    for item in result["skipped"]:
+        print(f"skipped {item['series']}: {item['reason']}")
+    print(f"{len(result['converted'])} PET series converted, {len(result['skipped'])} other series skipped. "
+          f"Add a '{LABEL_COLUMN}' column to {args.output / 'participants.tsv'} (or sessions.tsv) to train on it.")
+    return 0
+
+
+def _renames(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        old, sep, new = pair.partition("=")
+        if not sep or not old.strip() or not new.strip():
+            raise PetmonaiError(f"--rename '{pair}': expected OLD=NEW, e.g. --rename NC=CN")
+        out[old.strip()] = new.strip()
+    return out
+
+
+@user_errors
+def to_bids_main(argv=None) -> int:
+    from petmonai.config import default_config_path, load_config
+    from petmonai.data import data_options, discover, generate_cohort, write_bids
+    from petmonai.runs import setup_logging
+
+    parser = argparse.ArgumentParser(
+        prog="petmonai to-bids",
+        description="Write a cohort in the challenge layout (Train/<class>, Test) or a CSV datalist as a BIDS "
+                    "dataset: subject from the header's db_name, one session per scan, the class in "
+                    "sessions.tsv (n/a for Test), the site in participants.tsv. --synthetic writes the phantom "
+                    "cohort (a template of the layout).")
+    parser.add_argument("data_root", nargs="?", default=None, help="challenge-layout folder or CSV datalist")
+    parser.add_argument("--synthetic", action="store_true", help="write the synthetic phantom cohort instead")
+    parser.add_argument("--output", type=Path, required=True, help="the BIDS dataset to write (new or empty folder)")
+    parser.add_argument("--tracer", default="FDG", help="trc- entity of every file (default FDG; '' for none)")
+    parser.add_argument("--link", action="store_true", help="symbolic links to the source files instead of copies")
+    parser.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                        help="write class OLD as NEW, e.g. --rename NC=CN --rename MCI=AD (repeatable)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="config entries for reading the source, e.g. --set data.classes=[CN,AD]")
+    args = parser.parse_args(argv)
+    setup_logging(None)
+    if (args.data_root is None) == (not args.synthetic):
+        raise PetmonaiError("give either DATA_ROOT or --synthetic")
+    cfg = load_config(default_config_path(), args.overrides)
+    options = {k: v for k, v in data_options(cfg).items() if k == "classes"}
+    if args.synthetic:
+        with tempfile.TemporaryDirectory(prefix="petmonai-phantoms-") as tmp:
+            root = generate_cohort(Path(tmp) / "phantoms", **cfg["data"]["synthetic"])
+            out = write_bids(discover(root, **options), args.output, tracer=args.tracer or None,
+                             rename=_renames(args.rename), overwrite=args.overwrite, name="petmonai SYNTHETIC phantoms")
+    else:
+        out = write_bids(discover(args.data_root, **options), args.output, tracer=args.tracer or None,
+                         link=args.link, rename=_renames(args.rename), overwrite=args.overwrite,
+                         name=f"{Path(args.data_root).name} as BIDS")
+    print(f"wrote the BIDS dataset {out}")
+    return 0
