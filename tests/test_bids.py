@@ -13,7 +13,7 @@ import pytest
 
 from petmonai.audit import audit_datalist
 from petmonai.commands import audit_main
-from petmonai.commands.convert import to_bids_main
+from petmonai.commands import to_bids_main
 from petmonai.data import discover, make_folds, train_rows, write_bids
 from petmonai.errors import PetmonaiError
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from petmonai.commands import train3d_main
-from petmonai.commands.convert import to_bids_main
+from petmonai.commands import to_bids_main
 from petmonai.config import ConfigError, load_config
 from petmonai.data import check_classes, data_options, discover, prob_column, run_classes
 from petmonai.errors import PetmonaiError

@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from petmonai.commands.convert import convert_dicom_main
+from petmonai.commands import convert_dicom_main
 from petmonai.data import discover_bids, make_phantom, write_pet_series
 from petmonai.data.dicom import convert_dicom
 

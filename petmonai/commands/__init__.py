@@ -46,11 +46,13 @@ from petmonai.commands.cli import (  # noqa: F401
     command_main,
     compare_main,
     experiments_main,
+    convert_dicom_main,
     export_bundle_main,
     export_main,
     main,
     predict_main,
     report_main,
     show_pipeline_main,
+    to_bids_main,
     train3d_main,
 )

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "petmonai.commands.data_commands",
     "petmonai.commands.study_commands",
     "petmonai.commands.bundle",
+    "petmonai.commands.convert",
 )
 
 
@@ -80,6 +81,8 @@ build_template_main = command_main("build-template", "build_template.py")
 anchor_main = command_main("anchor-folds", "anchor_folds.py")
 compare_main = command_main("compare", "compare_2d_3d.py")
 export_bundle_main = command_main("export-bundle", "export_bundle.py")
+convert_dicom_main = command_main("convert-dicom", "petmonai convert-dicom")
+to_bids_main = command_main("to-bids", "petmonai to-bids")
 predict_main = command_main("predict", "predict.py")
 report_main = command_main("report", "report.py")
 experiments_main = command_main("experiments", "experiments.py")

@@ -10,32 +10,33 @@ User errors end the command with one line on stderr and exit status 2; nothing i
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
-from petmonai.commands.cli import user_errors
+from petmonai.commands import options
+from petmonai.commands.registry import command
 from petmonai.errors import PetmonaiError
 
 
-@user_errors
-def convert_dicom_main(argv=None) -> int:
+def convert_dicom_options(parser) -> None:
+    parser.add_argument("dicom_dir", type=Path, help="folder of DICOM files (searched recursively)")
+    options.add_output(parser, required=True, help="the BIDS dataset to write (new or empty folder)",
+                       overwrite="replace an existing output folder")
+    parser.add_argument("--mapping", type=Path, default=None,
+                        help="CSV/TSV with columns patient_id,subject[,study_date,session]: BIDS labels instead of "
+                             "PatientID and StudyDate")
+
+
+@command("convert-dicom", "Convert every PET series of a DICOM folder into a BIDS dataset (dcm2niix).",
+         convert_dicom_options,
+         description="Convert every PET series (Modality PT) under a DICOM folder into a BIDS dataset (dcm2niix; "
+                     "each slice's RescaleSlope/Intercept applied): sub-<PatientID>/ses-<StudyDate>/pet/"
+                     "..._pet.nii.gz with its JSON sidecar. Other series (CT, MR, localisers) are skipped and listed.")
+def convert_dicom_command(args) -> None:
     from petmonai.data import LABEL_COLUMN
     from petmonai.data.dicom import convert_dicom
     from petmonai.runs import setup_logging
 
-    parser = argparse.ArgumentParser(
-        prog="petmonai convert-dicom",
-        description="Convert every PET series (Modality PT) under a DICOM folder into a BIDS dataset (dcm2niix; "
-                    "each slice's RescaleSlope/Intercept applied): sub-<PatientID>/ses-<StudyDate>/pet/"
-                    "..._pet.nii.gz with its JSON sidecar. Other series (CT, MR, localisers) are skipped and listed.")
-    parser.add_argument("dicom_dir", type=Path, help="folder of DICOM files (searched recursively)")
-    parser.add_argument("--output", type=Path, required=True, help="the BIDS dataset to write (new or empty folder)")
-    parser.add_argument("--mapping", type=Path, default=None,
-                        help="CSV/TSV with columns patient_id,subject[,study_date,session]: BIDS labels instead of "
-                             "PatientID and StudyDate")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    args = parser.parse_args(argv)
     setup_logging(None)
     result = convert_dicom(args.dicom_dir, args.output, mapping=args.mapping, overwrite=args.overwrite)
     for item in result["converted"]:
@@ -44,7 +45,6 @@ def convert_dicom_main(argv=None) -> int:
         print(f"skipped {item['series']}: {item['reason']}")
     print(f"{len(result['converted'])} PET series converted, {len(result['skipped'])} other series skipped. "
           f"Add a '{LABEL_COLUMN}' column to {args.output / 'participants.tsv'} (or sessions.tsv) to train on it.")
-    return 0
 
 
 def _renames(pairs: list[str]) -> dict:
@@ -57,42 +57,40 @@ def _renames(pairs: list[str]) -> dict:
     return out
 
 
-@user_errors
-def to_bids_main(argv=None) -> int:
-    from petmonai.config import default_config_path, load_config
-    from petmonai.data import data_options, discover, generate_cohort, write_bids
-    from petmonai.runs import setup_logging
-
-    parser = argparse.ArgumentParser(
-        prog="petmonai to-bids",
-        description="Write a cohort in the challenge layout (Train/<class>, Test) or a CSV datalist as a BIDS "
-                    "dataset: subject from the header's db_name, one session per scan, the class in "
-                    "sessions.tsv (n/a for Test), the site in participants.tsv. --synthetic writes the phantom "
-                    "cohort (a template of the layout).")
+def to_bids_options(parser) -> None:
     parser.add_argument("data_root", nargs="?", default=None, help="challenge-layout folder or CSV datalist")
     parser.add_argument("--synthetic", action="store_true", help="write the synthetic phantom cohort instead")
-    parser.add_argument("--output", type=Path, required=True, help="the BIDS dataset to write (new or empty folder)")
+    options.add_output(parser, required=True, help="the BIDS dataset to write (new or empty folder)",
+                       overwrite="replace an existing output folder")
     parser.add_argument("--tracer", default="FDG", help="trc- entity of every file (default FDG; '' for none)")
     parser.add_argument("--link", action="store_true", help="symbolic links to the source files instead of copies")
     parser.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
                         help="write class OLD as NEW, e.g. --rename NC=CN --rename MCI=AD (repeatable)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="config entries for reading the source, e.g. --set data.classes=[CN,AD]")
-    args = parser.parse_args(argv)
+    options.add_set(parser, help="config entries for reading the source, e.g. --set data.classes=[CN,AD]")
+
+
+@command("to-bids", "Write a challenge-layout cohort (or the synthetic phantoms) as a BIDS dataset.",
+         to_bids_options,
+         description="Write a cohort in the challenge layout (Train/<class>, Test) or a CSV datalist as a BIDS "
+                     "dataset: subject from the header's db_name, one session per scan, the class in "
+                     "sessions.tsv (n/a for Test), the site in participants.tsv. --synthetic writes the phantom "
+                     "cohort (a template of the layout).")
+def to_bids_command(args) -> None:
+    from petmonai.config import default_config_path, load_config
+    from petmonai.data import data_options, discover, generate_cohort, write_bids
+    from petmonai.runs import setup_logging
+
     setup_logging(None)
     if (args.data_root is None) == (not args.synthetic):
         raise PetmonaiError("give either DATA_ROOT or --synthetic")
     cfg = load_config(default_config_path(), args.overrides)
-    options = {k: v for k, v in data_options(cfg).items() if k == "classes"}
+    read = {k: v for k, v in data_options(cfg).items() if k == "classes"}
+    common = dict(tracer=args.tracer or None, rename=_renames(args.rename), overwrite=args.overwrite)
     if args.synthetic:
         with tempfile.TemporaryDirectory(prefix="petmonai-phantoms-") as tmp:
             root = generate_cohort(Path(tmp) / "phantoms", **cfg["data"]["synthetic"])
-            out = write_bids(discover(root, **options), args.output, tracer=args.tracer or None,
-                             rename=_renames(args.rename), overwrite=args.overwrite, name="petmonai SYNTHETIC phantoms")
+            out = write_bids(discover(root, **read), args.output, name="petmonai SYNTHETIC phantoms", **common)
     else:
-        out = write_bids(discover(args.data_root, **options), args.output, tracer=args.tracer or None,
-                         link=args.link, rename=_renames(args.rename), overwrite=args.overwrite,
-                         name=f"{Path(args.data_root).name} as BIDS")
+        out = write_bids(discover(args.data_root, **read), args.output, link=args.link,
+                         name=f"{Path(args.data_root).name} as BIDS", **common)
     print(f"wrote the BIDS dataset {out}")
-    return 0

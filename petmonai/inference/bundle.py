@@ -44,7 +44,12 @@ from petmonai.inference.views import SlidingWindowFlips3D
 log = get_logger("bundle")
 
 
-BUNDLE_COLUMNS = ["uuid", "file", *[f"prob_{name.lower()}" for name in CLASS_NAMES]]
+def bundle_columns(classes=CLASS_NAMES) -> list[str]:
+    """The columns of a bundle run's ``probabilities.csv``: uuid, file and P of each of the run's classes."""
+    return ["uuid", "file", *[f"prob_{name.lower()}" for name in classes]]
+
+
+BUNDLE_COLUMNS = bundle_columns()
 
 
 """``probabilities.csv`` of a bundle run: the file stem (the challenge's uuid), the file, P of each class."""
@@ -292,7 +297,8 @@ class ProbabilityWriter:
         evaluator.run()          # -> out/probabilities.csv
     """
 
-    def __init__(self, output_dir, dataset=None, filename: str = PROBABILITIES):
+    def __init__(self, output_dir, dataset=None, filename: str = PROBABILITIES, classes=CLASS_NAMES):
+        self.columns = bundle_columns(list(classes))
         self.output_dir = Path(str(output_dir)).expanduser()
         self.dataset = dataset
         self.filename = filename
@@ -320,14 +326,14 @@ class ProbabilityWriter:
                 raise PetmonaiError(f"{item['file']}: the network gave {probs.numel()} values, "
                                     f"expected {len(CLASS_NAMES)} class probabilities")
             self.rows.append({"uuid": str(item["uuid"]), "file": str(item["file"]),
-                              **{col: float(p) for col, p in zip(BUNDLE_COLUMNS[2:], probs.tolist())}})
+                              **{col: float(p) for col, p in zip(self.columns[2:], probs.tolist())}})
 
     def _write(self, engine) -> None:
         skipped = list(getattr(self.dataset, "skipped", []) or [])
         inputs = len(getattr(self.dataset, "data", [])) if self.dataset is not None else None
         if inputs is not None and len(self.rows) + len(skipped) != inputs:
             raise AssertionError(f"{inputs} inputs, {len(self.rows)} predicted, {len(skipped)} skipped")
-        table = pd.DataFrame(sorted(self.rows, key=lambda r: stem_order(r["uuid"])), columns=BUNDLE_COLUMNS)
+        table = pd.DataFrame(sorted(self.rows, key=lambda r: stem_order(r["uuid"])), columns=self.columns)
         path = atomic_write_csv(self.output_dir / self.filename, table)
         skipped_path = self.output_dir / SKIPPED
         if skipped:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from petmonai import CLASS_NAMES
+from petmonai.data import run_classes
 from petmonai.evaluation import METRIC_KEYS, METRIC_LABELS
 from petmonai.inference.predictor import LoadedRun, sha256_file
 
@@ -37,11 +37,11 @@ def model_card(run: LoadedRun, metadata: dict, check: dict) -> str:
     sections = [
         f"# {metadata['name']}\n\n{NOT_FOR_CLINICAL_USE}\n\n{metadata['description']}\n",
         _data_section(run),
-        _figures_section(metrics, reference),
+        _figures_section(metrics, reference, run_classes(run.cfg)[1]),
         _preprocessing_section(run),
         _ensemble_section(run, check),
         _limits_section(run),
-        _usage_section(),
+        _usage_section(run_classes(run.cfg)),
         _provenance_section(run, metadata),
     ]
     return "\n".join(sections)
@@ -55,7 +55,8 @@ def _data_section(run: LoadedRun) -> str:
         lines.append("**SYNTHETIC data**: a generated phantom cohort. The figures below show that the pipeline "
                      "runs, nothing about patients.\n")
     lines.append(f"Source: `{(run.cfg.get('data') or {}).get('root') or 'synthetic cohort'}`. "
-                 f"Classes: {', '.join(f'{i} = {c}' for i, c in enumerate(CLASS_NAMES))} (MCI is the positive class).\n")
+                 f"Classes: {', '.join(f'{i} = {c}' for i, c in enumerate(run_classes(run.cfg)))} "
+                 f"({run_classes(run.cfg)[1]} is the positive class).\n")
     train = audit.get("train") or {}
     if train:
         per_class = "; ".join(f"{name}: {c.get('scans')} scans of {c.get('subjects')} subjects"
@@ -83,7 +84,7 @@ def _metric_rows(m: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
-def _figures_section(metrics: dict, reference: dict) -> str:
+def _figures_section(metrics: dict, reference: dict, positive: str) -> str:
     lines = ["## Cross-validation figures\n"]
     if not metrics.get("pooled_ci"):
         lines.append("The run folder records no cross-validation figures (`metrics.json` has none): this model "
@@ -94,7 +95,7 @@ def _figures_section(metrics: dict, reference: dict) -> str:
     boot = metrics.get("bootstrap") or {}
     lines.append(f"Out-of-fold test predictions; 95% CIs: percentile bootstrap, {boot.get('n_boot', 'n/a')} "
                  f"replicates resampling {boot.get('unit', 'subject')}s. Decision threshold of the figures: "
-                 f"{metrics.get('threshold', 'n/a')} on P(MCI) ({metrics.get('threshold_mode', 'n/a')}); the bundle "
+                 f"{metrics.get('threshold', 'n/a')} on P({positive}) ({metrics.get('threshold_mode', 'n/a')}); the bundle "
                  "itself writes probabilities, no labels.\n")
     models = [("This model", metrics)] + ([("PCA + LR reference", reference)] if reference.get("pooled_ci") else [])
     for name, m in models:
@@ -157,14 +158,14 @@ def _limits_section(run: LoadedRun) -> str:
     if confounded:
         lines.append("- **Site/class confound**: in the training data the acquisition site separates the classes "
                      "(see the audit above). The model may recognise the scanner instead of the disease; its "
-                     "probabilities on scans from other sites are not evidence of MCI.")
+                     "probabilities on scans from other sites are not evidence of " + run_classes(run.cfg)[1] + ".")
     lines += ["- Scans of subjects who were in the training data get optimistic probabilities.",
               "- The probabilities are not calibrated for other cohorts, and the bundle applies no decision "
               "threshold."]
     return "\n".join(lines) + "\n"
 
 
-def _usage_section() -> str:
+def _usage_section(classes) -> str:
     return "\n".join([
         "## How to run\n",
         "Install petmonai (which brings MONAI and the packages of `configs/metadata.json`), then, from the "
@@ -174,7 +175,7 @@ def _usage_section() -> str:
         "    --dataset_dir FOLDER_OF_NIFTI --output_dir OUT",
         "```\n",
         "`OUT/probabilities.csv`: one row per volume: `uuid` (the file stem), `file`, "
-        + ", ".join(f"`prob_{c.lower()}`" for c in CLASS_NAMES) + ". A volume that cannot be used (unreadable, "
+        + ", ".join(f"`prob_{c.lower()}`" for c in classes) + ". A volume that cannot be used (unreadable, "
         "wrong field of view, failed registration) stops the run naming it; add `--skip_bad True` to predict the "
         "others and list it in `OUT/skipped.csv`.\n",
         "Checks with MONAI's own tools (offline):\n",

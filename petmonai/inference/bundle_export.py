@@ -34,12 +34,13 @@ import time
 from pathlib import Path
 import numpy as np
 import torch
-from petmonai import CLASS_NAMES, __version__
+from petmonai import __version__
+from petmonai.data import run_classes
 from petmonai.errors import PetmonaiError
 from petmonai.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, get_logger
 from petmonai.inference.bundle import ViewEnsemble
 from petmonai.inference.bundle_card import bundle_license, model_card
-from petmonai.inference.predictor import (MCI_INDEX, LoadedRun, load_models, load_run, predict_views,
+from petmonai.inference.predictor import (POSITIVE_INDEX, LoadedRun, load_models, load_run, predict_views,
                                           preprocess_path)
 from petmonai.inference.views import SlidingWindowFlips3D
 
@@ -229,7 +230,8 @@ def inference_config(run: LoadedRun, template: str | None) -> dict:
         "handlers": [
             {"_target_": "CheckpointLoader", "load_path": "@ckpt_path", "load_dict": {"model": "@network"},
              "map_location": "@device"},
-            {"_target_": "petmonai.inference.ProbabilityWriter", "output_dir": "@output_dir", "dataset": "@dataset"},
+            {"_target_": "petmonai.inference.ProbabilityWriter", "output_dir": "@output_dir", "dataset": "@dataset",
+             "classes": list(run_classes(run.cfg))},
         ],
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
                       "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
@@ -282,7 +284,7 @@ def ensemble_difference(ensemble: ViewEnsemble, run: LoadedRun, volume: torch.Te
     with torch.no_grad():
         bundle = torch.softmax(ensemble(volume[None].float()), dim=1)[0].double().numpy()
     p_mci = float(predict_views(run, volume).mean())
-    expected = np.array([1.0 - p_mci, p_mci]) if MCI_INDEX == 1 else np.array([p_mci, 1.0 - p_mci])
+    expected = np.array([1.0 - p_mci, p_mci]) if POSITIVE_INDEX == 1 else np.array([p_mci, 1.0 - p_mci])
     return float(np.abs(bundle - expected).max())
 
 
@@ -315,7 +317,7 @@ def bundle_metadata(run: LoadedRun, version: str, authors, copyright, input_rang
     metrics = _read_json(run.run_dir / "metrics.json")
     pooled = (metrics.get("pooled_ci") or {}).get("roc_auc") or {}
     synthetic = bool(run.run_provenance.get("synthetic_data", False))
-    classes = ", ".join(f"{i}: {c}" for i, c in enumerate(CLASS_NAMES))
+    classes = ", ".join(f"{i}: {c}" for i, c in enumerate(run_classes(run.cfg)))
     return {
         "schema": SCHEMA_URL,
         "version": version,
@@ -351,13 +353,13 @@ def bundle_metadata(run: LoadedRun, version: str, authors, copyright, input_rang
         "references": [*(["Peng et al. 2021, Medical Image Analysis 68:101871 (SFCN)"]
                          if run.cfg["model"].get("name") == "sfcn_3d" else []),
                        "MONAI bundle specification: https://docs.monai.io/en/stable/mb_specification.html"],
-        "network_data_format": network_data_format(grid, input_range),
+        "network_data_format": network_data_format(grid, input_range, run_classes(run.cfg)),
     }
 
 
-def network_data_format(grid: list[int], input_range: list[float]) -> dict:
-    channels = {str(i): c for i, c in enumerate(CLASS_NAMES)}
-    probabilities = {"type": "probabilities", "format": "classes", "num_channels": len(CLASS_NAMES),
+def network_data_format(grid: list[int], input_range: list[float], classes) -> dict:
+    channels = {str(i): c for i, c in enumerate(classes)}
+    probabilities = {"type": "probabilities", "format": "classes", "num_channels": len(classes),
                      "spatial_shape": [1], "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
                      "channel_def": channels}
     return {
