@@ -39,3 +39,12 @@ def fast_config() -> list[str]:
         "spacing=[8.0, 8.0, 8.0]", "spatial_size=[24, 28, 24]", "crop_size=[20, 24, 20]",
         "cv.folds=2", "train.max_epochs=2", "train.batch_size=4", "train.progress_bar=false",
     ]
+
+
+@pytest.fixture(autouse=True)
+def _petmonai_logs_reach_caplog(monkeypatch):
+    """A command run earlier in the session (``setup_logging``) stops the ``petmonai`` logger from
+    propagating; tests that read its messages with ``caplog`` need them to reach the root logger."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("petmonai"), "propagate", True)

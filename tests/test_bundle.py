@@ -153,6 +153,7 @@ def test_model_card_shows_the_figures_of_the_run():
                "fold_summary": {"roc_auc": {"mean": 0.88, "sd": 0.11}},
                "fold_mean_ci": {"roc_auc": {"ci_low": 0.70, "ci_high": 1.0}}}
     reference = {"pooled_ci": {"roc_auc": {"value": 0.86, "ci_low": 0.73, "ci_high": 0.96}}}
-    text = _figures_section(metrics, reference)
+    text = _figures_section(metrics, reference, "MCI")
     assert "| ROC AUC | 0.83 (0.67-0.94) | 0.88 ± 0.11 (0.70-1.00) |" in text
+    assert "on P(MCI)" in text
     assert "| ROC AUC | 0.86 (0.73-0.96) | n/a |" in text and "PCA + LR reference" in text

@@ -81,7 +81,7 @@ def test_cn_ad_run_says_cn_and_ad_everywhere(tiny_cohort, fast_config, tmp_path)
         assert (run / png).stat().st_size > 5000
     # predict takes the classes from the run; a BIDS dataset as input: every PET file, named by BIDS
     result = predict(run, [bids], tmp_path / "pred" / "submission.csv", options={"threads": 1})
-    table = pd.read_csv(tmp_path / "pred" / "probabilities.csv")
+    table = pd.read_csv(result.paths["probabilities"])
     assert "prob_ad" in table.columns and set(table["label"]) <= {"CN", "AD"}
     assert len(table) == len(discover(bids, classes=["CN", "AD"])) and table["uuid"].str.startswith("sub-").all()
     submission = (tmp_path / "pred" / "submission.csv").read_text().splitlines()

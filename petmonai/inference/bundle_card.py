@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from petmonai.config import pipeline_entries
 from petmonai.data import run_classes
 from petmonai.evaluation import METRIC_KEYS, METRIC_LABELS
 from petmonai.inference.predictor import LoadedRun, sha256_file
@@ -120,7 +121,7 @@ def _preprocessing_section(run: LoadedRun) -> str:
              "The run's own preprocessing, in `configs/inference.json` (`preprocessing`), applied to every input "
              f"volume: the network sees a {'x'.join(map(str, cfg['spatial_size']))} grid of "
              f"{cfg.get('spacing', ['?'])[0]} mm voxels.\n"]
-    lines += [f"{i}. {_describe_transform(t)}" for i, t in enumerate(cfg["preprocess"], 1)]
+    lines += [f"{i}. {_describe_transform(t)}" for i, t in enumerate(pipeline_entries(cfg, "preprocess"), 1)]
     template = cfg.get("template") or {}
     if template:
         lines.append(f"\nRegistration: {template.get('transform', 'n/a')} to "

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from petmonai import __version__
+from petmonai.config import pipeline_entries
 from petmonai.data import run_classes
 from petmonai.errors import PetmonaiError
 from petmonai.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, get_logger
@@ -195,7 +196,7 @@ def inference_config(run: LoadedRun, template: str | None) -> dict:
     """``configs/inference.json``: a MONAI bundle config (``_target_``, ``@`` references, ``$``
     expressions) that predicts a folder of volumes as ``predict`` does with the run."""
     cfg, opts = run.cfg, run.options
-    keys = referenced_keys([cfg["preprocess"], cfg["model"]], cfg)
+    keys = referenced_keys([pipeline_entries(cfg, "preprocess"), cfg["model"]], cfg)
     clash = sorted(keys & set(BUNDLE_KEYS))
     if clash:
         raise PetmonaiError(f"the run config's preprocess refers to {', '.join(clash)}, a name the bundle uses itself")
@@ -212,7 +213,7 @@ def inference_config(run: LoadedRun, template: str | None) -> dict:
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
         "ckpt_path": "$@bundle_root + '/models/model.pt'",
         **shared,
-        "preprocessing": {"_target_": "Compose", "transforms": copy.deepcopy(cfg["preprocess"])},
+        "preprocessing": {"_target_": "Compose", "transforms": copy.deepcopy(pipeline_entries(cfg, "preprocess"))},
         "dataset": {"_target_": "petmonai.inference.ScreenedDataset", "data": "@dataset_dir", "transform": "@preprocessing",
                     "checks": {k: cfg[k] for k in ("spacing", "crop_size", "spatial_size") if k in cfg},
                     "skip_bad": "@skip_bad", "min_extent_fraction": float(opts["min_extent_fraction"]),
