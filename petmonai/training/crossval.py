@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 from monai.data import DataLoader, DistributedSampler, ThreadDataLoader
+from torch.utils.data import RandomSampler
 from monai.utils import set_determinism
 import petmonai.training.distributed as dist
 from petmonai.data import to_items, train_rows
@@ -51,6 +52,33 @@ def build_cache(cfg: dict, datalist: pd.DataFrame, preprocess) -> VolumeCache:
     return cache
 
 
+class EpochRandomSampler(RandomSampler):
+    """torch's ``RandomSampler`` (no replacement) whose random draws for an epoch all happen when the
+    epoch's iteration starts: the same permutations from the same generator, so the same order.
+
+    torch's sampler draws one more permutation (for the ``num_samples % n`` remainder, empty here)
+    lazily, when the loader asks past the last index. When the epoch's batches end exactly there
+    (``n`` a multiple of the batch size, or one over it with ``drop_last``) that happens only at the
+    *next* epoch's start, after the end-of-epoch resumable checkpoint has saved the generator: a
+    resumed run skipped that draw and shuffled every later epoch differently. Drawing it up front
+    leaves the generator in its final state for the epoch once the first batch is taken (also with
+    a prefetch thread, which would otherwise draw it at a moment that races the checkpoint).
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> list(EpochRandomSampler(range(4), generator=g)) == torch.randperm(4, generator=torch.Generator().manual_seed(0)).tolist()
+    True
+    """
+
+    def __init__(self, data_source, generator: torch.Generator):
+        super().__init__(data_source, replacement=False, generator=generator)
+
+    def __iter__(self):
+        n = len(self.data_source)
+        order = [i for _ in range(self.num_samples // n) for i in torch.randperm(n, generator=self.generator).tolist()]
+        order += torch.randperm(n, generator=self.generator).tolist()[: self.num_samples % n]
+        return iter(order)
+
+
 def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, device: torch.device, seed: int = 0,
                 distributed: bool = False, pin_memory: bool | None = None, prefetch: bool = False):
     """A loader; with ``distributed`` and several processes, this rank's part of ``dataset``:
@@ -74,7 +102,9 @@ def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, devic
         # which leaves a gathered ROC AUC unchanged: each positive-negative pair counted world^2 times)
         sampler = DistributedSampler(dataset, shuffle=False, even_divisible=False)
     generator = torch.Generator().manual_seed(seed)
-    return loader_class(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
+    if shuffle:  # torch's shuffling order, with every draw of an epoch made at its start (exact resume)
+        sampler = EpochRandomSampler(dataset, generator)
+    return loader_class(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin, generator=generator if shuffle else None,
                       persistent_workers=False,  # new workers each epoch, seeded from the loader generator: exact resume
                       drop_last=shuffle and len(dataset) % batch_size == 1)  # batch norm needs 2+ samples
