@@ -112,6 +112,7 @@ SCHEMA: dict[str, Any] = {
     "model": dict,
     "imports": list,
     "inference": dict,
+    "allow_modules": list,        # modules of the user's own that the config names (petmonai.trust)
 }
 FREE_FORM = {"preprocess", "augment", "evaluate", "model", "imports", "inference"}
 
@@ -291,12 +292,21 @@ def upgrade_legacy_names(node):
     return node
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
-    """Read, override and validate a config; returns a plain dict (the *resolved* config)."""
-    cfg = upgrade_legacy_names(read_yaml(path or default_config_path()))
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, own: bool = True) -> dict:
+    """Read, override, validate and check a config; returns a plain dict (the *resolved* config).
+
+    The check (:func:`petmonai.trust.check_config`) refuses what the config would run beyond the
+    allowed modules and ``$`` forms before anything is built. ``own``: the user's own file, whose
+    ``allow_modules:`` list counts as the user's word; ``own=False``: a config from elsewhere (a run
+    folder's), whose list the user must confirm (``--allow-module``)."""
+    from petmonai.trust import check_config
+
+    path = path or default_config_path()
+    cfg = upgrade_legacy_names(read_yaml(path))
     for assignment in overrides or []:
         apply_override(cfg, assignment)
     validate(cfg)
+    check_config(cfg, path, own=own)
     return cfg
 
 

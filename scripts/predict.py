@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from petmonai.commands import user_errors
+from petmonai.trust import add_trust_options, policy_from_args
 
 
 def parse_args(argv=None):
@@ -50,6 +51,7 @@ def parse_args(argv=None):
     g.add_argument("--saliency-layer", default=None, help="Grad-CAM target layer (default: by model, features.block4 of the 3D SFCN, layer3 of a ResNet)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="inference.KEY=VALUE",
                    help="any inference option, e.g. --set inference.workers=1 (repeatable)")
+    add_trust_options(p)  # --allow-module, --trust-config: what the run folder's config may run
     return p.parse_args(argv)
 
 
@@ -67,8 +69,9 @@ def main(argv=None) -> int:
         "saliency_class": args.saliency_class, "saliency_layer": args.saliency_layer,
         "folds": [int(f) for f in args.folds.split(",") if f.strip()] if args.folds else None,
     }.items() if v is not None})
-    result = predict(args.run_dir, args.input, args.output, overwrite=args.overwrite, skip_bad=args.skip_bad,
-                     saliency=args.saliency, options=options)
+    with policy_from_args(args):
+        result = predict(args.run_dir, args.input, args.output, overwrite=args.overwrite, skip_bad=args.skip_bad,
+                         saliency=args.saliency, options=options)
     n_in = len(result.table) + len(result.skipped)
     print(f"{n_in} input volume(s): {len(result.table)} predicted, {len(result.skipped)} skipped "
           f"({result.seconds:.1f}s) -> {result.paths['submission']}")

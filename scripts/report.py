@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from petmonai.commands import user_errors
+from petmonai.trust import add_trust_options, policy_from_args
 
 
 @user_errors
@@ -37,16 +38,18 @@ def main(argv=None) -> int:
                         help="recompute metrics and CIs from the prediction files instead of metrics.json")
     parser.add_argument("--bootstrap", type=int, default=None, help="bootstrap replicates with --recompute")
     parser.add_argument("--no-figures", action="store_true", help="write report.md only")
+    add_trust_options(parser)  # --allow-module, --trust-config: what the run folder's config may run
     args = parser.parse_args(argv)
 
     from petmonai.evaluation import add_reference, build_report
     from petmonai.runs import setup_logging
 
     setup_logging(None)
-    if args.reference:
-        add_reference(args.run_dir, args.data_root, args.reference_set, args.reference_name)
-    path = build_report(args.run_dir, recompute=args.recompute or args.bootstrap is not None,
-                        n_boot=args.bootstrap, figures=not args.no_figures)
+    with policy_from_args(args):
+        if args.reference:
+            add_reference(args.run_dir, args.data_root, args.reference_set, args.reference_name)
+        path = build_report(args.run_dir, recompute=args.recompute or args.bootstrap is not None,
+                            n_boot=args.bootstrap, figures=not args.no_figures)
     print(path)
     return 0
 

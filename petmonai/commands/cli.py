@@ -10,6 +10,7 @@ import functools
 import sys
 from pathlib import Path
 from petmonai.errors import PetmonaiError
+from petmonai.trust import add_trust_options, policy_from_args
 
 
 def user_errors(main):
@@ -50,6 +51,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable volumes, listing them in the run folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override any config entry, e.g. --set train.lr=1e-3 (repeatable)")
+    add_trust_options(parser)  # --allow-module, --trust-config (petmonai.trust)
 
 
 @user_errors
@@ -63,7 +65,8 @@ def train3d_main(argv=None) -> int:
                     "Without --data-root it runs a demo on a generated SYNTHETIC phantom cohort.")
     add_training_options(parser)
     args = parser.parse_args(argv)
-    train_command(args, default_config="train3d.yaml", demo_config="demo3d.yaml", prefix="train3d")
+    with policy_from_args(args):
+        train_command(args, default_config="train3d.yaml", demo_config="demo3d.yaml", prefix="train3d")
     return 0
 
 

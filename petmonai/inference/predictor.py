@@ -41,7 +41,8 @@ from monai.data import MetaTensor
 from petmonai import CLASS_NAMES
 from petmonai.data import is_nifti, nifti_stem, read_header
 from petmonai.errors import ConfigError, DataError, PetmonaiError
-from petmonai.runs import atomic_write_csv, atomic_write_json, atomic_write_text, get_logger, read_run_config
+from petmonai.runs import atomic_write_csv, atomic_write_json, atomic_write_text, get_logger, read_run_config, \
+    sha256_file
 from petmonai.inference.views import DEFAULT_VIEWS_BY_MODEL, VIEW_STRATEGIES, SlidingWindowFlips3D, ViewStrategy
 
 
@@ -185,14 +186,6 @@ class LoadedRun:
     amp_dtype: torch.dtype | None
     run_provenance: dict = field(default_factory=dict)
     checkpoints: list = field(default_factory=list)   # (repeat, fold, path) of the models to load
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fold_checkpoints(run_dir: Path, folds: str | Sequence[int] = "all") -> list[tuple[int, int, Path]]:

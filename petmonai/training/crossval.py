@@ -36,7 +36,7 @@ from petmonai.models import build_model, count_parameters, model_label, spatial_
 from petmonai.runs import atomic_write_csv, atomic_write_json, get_logger
 from petmonai.data import LEAKY_PROTOCOLS, fold_ids, fold_members, load_folds, make_folds
 from petmonai.transforms import build_evaluation, build_pipelines
-from petmonai.runs import FOLD_PREDICTIONS, FOLD_RESULT, RESUME_CHECKPOINT, fold_dir_name
+from petmonai.runs import FOLD_PREDICTIONS, FOLD_RESULT, RESUME_CHECKPOINT, fold_dir_name, record_checkpoint_hash
 
 
 log = get_logger("cv")
@@ -268,6 +268,7 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
         atomic_write_csv(out_dir / FOLD_PREDICTIONS, predictions)
         atomic_write_json(out_dir / "timing.json", {"train_seconds": seconds, "processes": dist.world_size(),
                                                     "train_volumes": len(ids["train"]) * info["epochs_run"]})
+        record_checkpoint_hash(run_dir, out_dir / BEST_CHECKPOINT)  # tamper evidence (provenance.json)
         atomic_write_json(out_dir / FOLD_RESULT, info)  # written last: marks the fold as finished
         if not bool(tcfg.get("keep_resume_checkpoint", False)):  # ~0.4 GB a fold; a finished fold needs none
             (out_dir / RESUME_CHECKPOINT).unlink(missing_ok=True)
