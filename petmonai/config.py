@@ -137,6 +137,7 @@ SCHEMA: dict[str, Any] = {
     "model": dict,
     "imports": list,
     "inference": dict,
+    "allow_modules": list,        # modules of the user's own that the config names (petmonai.trust)
 }
 FREE_FORM = {"preprocess", "augment", "evaluate", "model", "imports", "inference"}
 
@@ -426,20 +427,27 @@ def upgrade_legacy_names(node):
     return node
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
-    """Read ``path`` over the base config (``configs/train3d.yaml``), apply ``overrides``, validate;
-    returns a plain dict, the *resolved* config: every key of the base is there.
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, own: bool = True) -> dict:
+    """Read ``path`` over the base config (``configs/train3d.yaml``), apply ``overrides``, validate and
+    check; returns a plain dict, the *resolved* config: every key of the base is there.
 
     A run folder's saved ``config.yaml`` is complete; merging it over the base only adds keys
-    that petmonai has gained since (with their defaults).
+    that petmonai has gained since (with their defaults). The check
+    (:func:`petmonai.trust.check_config`) refuses what the config would run beyond the allowed
+    modules and ``$`` forms before anything is built. ``own``: the user's own file, whose
+    ``allow_modules:`` list counts as the user's word; ``own=False``: a config from elsewhere (a run
+    folder's), whose list the user must confirm (``--allow-module``).
     """
-    cfg = deep_merge(read_yaml(default_config_path()), read_yaml(path or default_config_path()))
-    cfg = upgrade_legacy_names(cfg)
+    from petmonai.trust import check_config
+
+    path = path or default_config_path()
+    cfg = upgrade_legacy_names(deep_merge(read_yaml(default_config_path()), read_yaml(path)))
     for assignment in overrides or []:
         apply_override(cfg, assignment)
     expand_shorthands(cfg)
     validate(cfg)
     check_entries(cfg)
+    check_config(cfg, path, own=own)
     return cfg
 
 

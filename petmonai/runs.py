@@ -7,6 +7,7 @@ half-written file behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -184,16 +185,17 @@ def keep_template_copy(cfg: dict, run_dir: str | Path) -> Path | None:
 def read_run_config(run_dir: str | Path) -> dict:
     """A run folder's saved ``config.yaml``, validated, with ``template.image`` on the folder's own
     copy of its template (:func:`keep_template_copy`) if it has one: every command that works on a
-    finished run (predict, resume, report) reads its config here."""
+    finished run (predict, resume, report) reads its config here.
+
+    The config is checked as one from elsewhere before anything is built from it
+    (:func:`petmonai.trust.check_config`: ``--allow-module`` / ``--trust-config``), and a folder
+    whose files no longer match the hashes the run recorded gets a warning (:func:`warn_if_changed`)."""
     from petmonai.config import load_config
 
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise PetmonaiError(f"{run_dir}: run folder not found")
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise PetmonaiError(f"{run_dir}: no config.yaml; is this a training run folder?")
-    cfg = load_config(path)
+    path = _run_config_path(run_dir)
+    warn_if_changed(run_dir)
+    cfg = load_config(path, own=False)
     if cfg["template"]["image"]:
         for suffix in (".nii.gz", ".nii"):
             copy = run_dir / f"{RUN_TEMPLATE_STEM}{suffix}"
@@ -218,6 +220,99 @@ class ConsoleFilter(logging.Filter):
         if getattr(record, "console", True) is False:
             return False
         return not any(record.name == n or record.name.startswith(n + ".") for n in DETAIL_LOGGERS)
+
+
+def _run_config_path(run_dir: Path) -> Path:
+    if not run_dir.is_dir():
+        raise PetmonaiError(f"{run_dir}: run folder not found")
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise PetmonaiError(f"{run_dir}: no config.yaml; is this a training run folder?")
+    return path
+
+
+def check_run_folder(run_dir: str | Path) -> None:
+    """What :func:`read_run_config` checks, for a command that reads a run folder without building
+    its config (the report): the trust check of its ``config.yaml`` (if it has one) and the
+    recorded hashes."""
+    from petmonai.config import read_yaml, upgrade_legacy_names
+    from petmonai.trust import check_config
+
+    run_dir = Path(run_dir)
+    warn_if_changed(run_dir)
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        check_config(upgrade_legacy_names(read_yaml(path)), path, own=False)
+
+
+# tamper evidence: provenance.json records the sha256 of config.yaml as written and of each fold's
+# kept checkpoint; predict, report and resume warn when the folder no longer matches
+CONFIG_HASH_KEY = "config_sha256"
+CHECKPOINT_HASHES_KEY = "checkpoints_sha256"
+_HASHED: dict[tuple, str] = {}
+_WARNED: set[tuple[str, str]] = set()
+
+
+def sha256_file(path: str | Path) -> str:
+    """The file's SHA-256 (hex), remembered per path, size and modification time."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHED:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        _HASHED[key] = digest.hexdigest()
+    return _HASHED[key]
+
+
+def sha256_text(text: str) -> str:
+    """The SHA-256 (hex) of ``text`` as :func:`atomic_write_text` writes it (UTF-8)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def record_checkpoint_hash(run_dir: str | Path, checkpoint: str | Path) -> None:
+    """Add ``checkpoint``'s SHA-256 to the run's ``provenance.json`` (under its path in the folder)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "provenance.json"
+    prov = json.loads(path.read_text()) if path.is_file() else {}
+    hashes = dict(prov.get(CHECKPOINT_HASHES_KEY) or {})
+    hashes[Path(checkpoint).relative_to(run_dir).as_posix()] = sha256_file(checkpoint)
+    atomic_write_json(path, {**prov, CHECKPOINT_HASHES_KEY: dict(sorted(hashes.items()))})
+
+
+def changed_run_files(run_dir: str | Path) -> list[str]:
+    """The run's files that differ from the hashes its ``provenance.json`` recorded (config.yaml,
+    kept checkpoints), each as ``name (what)``; a run that recorded none gives none."""
+    run_dir = Path(run_dir)
+    try:
+        prov = json.loads((run_dir / "provenance.json").read_text())
+    except (OSError, ValueError):
+        return []
+    recorded = {"config.yaml": prov.get(CONFIG_HASH_KEY), **(prov.get(CHECKPOINT_HASHES_KEY) or {})}
+    changed = []
+    for name, digest in recorded.items():
+        if not digest:
+            continue
+        path = run_dir / name
+        if not path.is_file():
+            changed.append(f"{name} (missing)")
+        elif sha256_file(path) != digest:
+            changed.append(f"{name} (changed)")
+    return changed
+
+
+def warn_if_changed(run_dir: str | Path) -> list[str]:
+    """Log a warning (once per file) when the run folder no longer matches what the run wrote."""
+    changed = changed_run_files(run_dir)
+    new = [c for c in changed if (str(Path(run_dir).resolve()), c) not in _WARNED]
+    if new:
+        _WARNED.update((str(Path(run_dir).resolve()), c) for c in new)
+        get_logger("runs").warning(
+            "%s does not match what its run wrote (provenance.json): %s; the folder was edited or replaced after "
+            "training, so it may not be the run it says it is", run_dir, ", ".join(new))
+    return changed
 
 
 def setup_logging(run_dir: str | Path | None = None, level: int = logging.INFO) -> logging.Logger:

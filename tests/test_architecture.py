@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "petmonai"
 
 # bottom up: a module may import from its own layer and the layers below it
 LAYERS = [
-    {"petmonai", "petmonai.errors", "petmonai.config", "petmonai.runs", "petmonai.device"},
+    {"petmonai", "petmonai.errors", "petmonai.trust", "petmonai.config", "petmonai.runs", "petmonai.device"},
     {"petmonai.models"},
     {"petmonai.data"},
     {"petmonai.transforms"},

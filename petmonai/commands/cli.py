@@ -14,6 +14,7 @@ import argparse
 import importlib
 import sys
 from petmonai.commands.registry import COMMANDS, build_parser, user_errors
+from petmonai.trust import policy_from_args
 
 
 # the modules whose @command functions make up `petmonai`; listed in `petmonai --help` in this order
@@ -34,7 +35,8 @@ def load_commands() -> dict:
 
 def _run(name: str, args: argparse.Namespace, prog: str, argv: list[str]) -> int:
     args.invocation = " ".join([prog, *argv])  # the command line as typed, for reports that quote it
-    status = COMMANDS[name].run(args)
+    with policy_from_args(args):  # --trust-config / --allow-module: what configs may run (petmonai.trust)
+        status = COMMANDS[name].run(args)
     return 0 if status is None else int(status)
 
 

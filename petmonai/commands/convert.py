@@ -28,7 +28,7 @@ def convert_dicom_options(parser) -> None:
 
 
 @command("convert-dicom", "Convert every PET series of a DICOM folder into a BIDS dataset (dcm2niix).",
-         convert_dicom_options,
+         convert_dicom_options, reads_configs=False,
          description="Convert every PET series (Modality PT) under a DICOM folder into a BIDS dataset (dcm2niix; "
                      "each slice's RescaleSlope/Intercept applied): sub-<PatientID>/ses-<StudyDate>/pet/"
                      "..._pet.nii.gz with its JSON sidecar. Other series (CT, MR, localisers) are skipped and listed.")

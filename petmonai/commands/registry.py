@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from petmonai.errors import PetmonaiError
+from petmonai.trust import add_trust_options
 
 
 @dataclass(frozen=True)
@@ -29,19 +30,20 @@ class Command:
     add_options: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int | None]      # None counts as exit status 0
     description: str | None = None                       # ``petmonai <name> --help`` (default: help)
+    reads_configs: bool = True                           # --trust-config / --allow-module (petmonai.trust)
 
 
 COMMANDS: dict[str, Command] = {}
 
 
 def command(name: str, help: str, add_options: Callable[[argparse.ArgumentParser], None],
-            description: str | None = None):
+            description: str | None = None, reads_configs: bool = True):
     """Register the decorated ``run(args)`` as ``petmonai <name>``."""
 
     def register(run):
         if name in COMMANDS:
             raise ValueError(f"command '{name}' is registered twice")
-        COMMANDS[name] = Command(name, help, add_options, run, description)
+        COMMANDS[name] = Command(name, help, add_options, run, description, reads_configs)
         return run
 
     return register
@@ -52,6 +54,8 @@ def build_parser(cmd: Command, prog: str | None = None, parser: argparse.Argumen
     parser = parser or argparse.ArgumentParser(prog=prog)
     parser.description = cmd.description or cmd.help
     cmd.add_options(parser)
+    if cmd.reads_configs:  # every command that builds a config checks it first (petmonai.trust)
+        add_trust_options(parser)
     return parser
 
 

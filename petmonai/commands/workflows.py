@@ -22,6 +22,7 @@ from petmonai.device import resolve_device
 from petmonai.errors import PetmonaiError
 from petmonai.runs import atomic_write_csv, atomic_write_json, atomic_write_text, get_logger, keep_template_copy, \
     prepare_run_dir, provenance, replaced_run_path, settle_replaced_run, setup_logging, read_run_config
+from petmonai.runs import CONFIG_HASH_KEY, sha256_text
 
 
 SYNTHETIC_BANNER = (
@@ -104,13 +105,15 @@ def _train(cfg: dict, config_path, output_dir, overwrite: bool, prefix: str) -> 
             from petmonai.transforms import template_file_digest
 
             template_sha1 = template_file_digest(template)
-        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        config_text = dump_yaml(cfg)
+        atomic_write_text(run_dir / "config.yaml", config_text)
         atomic_write_json(run_dir / "provenance.json", provenance(
             int(cfg["seed"]), fingerprint(train_files),
             {"config_file": str(config_path), "class_mapping": {name: i for i, name in enumerate(classes)},
              "positive_class": classes[1], "synthetic_data": synthetic, "device": str(device),
              "processes": dist.world_size(),
-             "template_image_sha1": template_sha1}))
+             "template_image_sha1": template_sha1,
+             CONFIG_HASH_KEY: sha256_text(config_text)}))  # tamper evidence: predict/report/resume compare
         return datalist, synthetic
 
     if dist.is_main() and replaced_run_path(run_dir).exists():
@@ -250,7 +253,7 @@ def _cross_validate_and_report(cfg, datalist, run_dir, device, synthetic, log, r
         from petmonai.evaluation import build_report
 
         try:
-            log.info("report: %s", build_report(run_dir))
+            log.info("report: %s", build_report(run_dir, check=False))  # its config was checked when read
         except Exception as err:  # training results are safe on disk; the report can be rebuilt
             log.error("report failed (%s: %s); rebuild it with: python scripts/report.py %s",
                       type(err).__name__, err, run_dir)

@@ -26,7 +26,7 @@ from petmonai.config import read_yaml
 from petmonai.data import class_key, count_key, prob_column, run_classes
 from petmonai.errors import PetmonaiError
 from petmonai.evaluation.metrics import METRIC_KEYS, calibration_bins, evaluate_cv, metric_labels
-from petmonai.runs import atomic_write_text, get_logger, read_run_config
+from petmonai.runs import atomic_write_text, check_run_folder, get_logger, read_run_config
 from petmonai.runs import _new_figure, save_figure
 
 
@@ -671,15 +671,19 @@ def _provenance_section(provenance: dict, reference: dict | None) -> list[str]:
 
 
 def build_report(run_dir: str | Path, recompute: bool = False, n_boot: int | None = None,
-                 figures: bool = True) -> Path:
+                 figures: bool = True, check: bool = True) -> Path:
     """Write ``report.md`` and the figures into ``run_dir``; returns the report's path.
 
     ``recompute``: recompute the metrics from the prediction files instead of reading
     ``metrics.json`` (with ``n_boot`` bootstrap replicates). ``figures=False`` writes the Markdown only.
+    ``check``: a run folder from elsewhere is checked first (:func:`petmonai.runs.check_run_folder`:
+    its config's trust check, its recorded hashes); off for the run that training has just written.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise PetmonaiError(f"{run_dir}: run folder not found")
+    if check:
+        check_run_folder(run_dir)
     config = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
     classes = run_classes(config)
     models = _run_models(run_dir, recompute, n_boot, classes)

@@ -49,7 +49,8 @@ from petmonai.data import data_options, discover_bids, is_bids, is_nifti, nifti_
     read_header, run_classes
 from petmonai.errors import ConfigError, DataError, PetmonaiError
 from petmonai.models import model_facts
-from petmonai.runs import atomic_write_csv, atomic_write_json, atomic_write_text, get_logger, read_run_config
+from petmonai.runs import atomic_write_csv, atomic_write_json, atomic_write_text, get_logger, read_run_config, \
+    sha256_file
 from petmonai.inference.views import VIEW_STRATEGIES, SlidingWindowFlips3D, ViewStrategy, default_views
 
 
@@ -194,14 +195,6 @@ class LoadedRun:
     run_provenance: dict = field(default_factory=dict)
     checkpoints: list = field(default_factory=list)   # (repeat, fold, path) of the models to load
     classes: tuple = CLASS_NAMES                       # the run's data.classes (negative, positive)
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fold_checkpoints(run_dir: Path, folds: str | Sequence[int] = "all") -> list[tuple[int, int, Path]]:

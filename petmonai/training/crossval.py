@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 from monai.data import DataLoader, DistributedSampler, ThreadDataLoader
+from torch.utils.data import RandomSampler
 from monai.utils import set_determinism
 import petmonai.training.distributed as dist
 from petmonai.data import prob_column, run_classes, to_items, train_rows
@@ -35,7 +36,7 @@ from petmonai.models import build_model, count_parameters, model_label, spatial_
 from petmonai.runs import FILE_ONLY, atomic_write_csv, atomic_write_json, get_logger
 from petmonai.data import LEAKY_PROTOCOLS, fold_ids, fold_members, load_folds, make_folds
 from petmonai.transforms import build_evaluation, build_pipelines
-from petmonai.runs import FOLD_PREDICTIONS, FOLD_RESULT, RESUME_CHECKPOINT, fold_dir_name
+from petmonai.runs import FOLD_PREDICTIONS, FOLD_RESULT, RESUME_CHECKPOINT, fold_dir_name, record_checkpoint_hash
 from petmonai.training.tracking import attach_fold
 
 
@@ -49,6 +50,33 @@ def build_cache(cfg: dict, datalist: pd.DataFrame, preprocess) -> VolumeCache:
     log.info("preprocessed %d volumes once into the cache in %.1fs (%d skipped)",
              len(cache), time.perf_counter() - t0, len(cache.skipped))
     return cache
+
+
+class EpochRandomSampler(RandomSampler):
+    """torch's ``RandomSampler`` (no replacement) whose random draws for an epoch all happen when the
+    epoch's iteration starts: the same permutations from the same generator, so the same order.
+
+    torch's sampler draws one more permutation (for the ``num_samples % n`` remainder, empty here)
+    lazily, when the loader asks past the last index. When the epoch's batches end exactly there
+    (``n`` a multiple of the batch size, or one over it with ``drop_last``) that happens only at the
+    *next* epoch's start, after the end-of-epoch resumable checkpoint has saved the generator: a
+    resumed run skipped that draw and shuffled every later epoch differently. Drawing it up front
+    leaves the generator in its final state for the epoch once the first batch is taken (also with
+    a prefetch thread, which would otherwise draw it at a moment that races the checkpoint).
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> list(EpochRandomSampler(range(4), generator=g)) == torch.randperm(4, generator=torch.Generator().manual_seed(0)).tolist()
+    True
+    """
+
+    def __init__(self, data_source, generator: torch.Generator):
+        super().__init__(data_source, replacement=False, generator=generator)
+
+    def __iter__(self):
+        n = len(self.data_source)
+        order = [i for _ in range(self.num_samples // n) for i in torch.randperm(n, generator=self.generator).tolist()]
+        order += torch.randperm(n, generator=self.generator).tolist()[: self.num_samples % n]
+        return iter(order)
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, device: torch.device, seed: int = 0,
@@ -74,7 +102,9 @@ def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int, devic
         # which leaves a gathered ROC AUC unchanged: each positive-negative pair counted world^2 times)
         sampler = DistributedSampler(dataset, shuffle=False, even_divisible=False)
     generator = torch.Generator().manual_seed(seed)
-    return loader_class(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
+    if shuffle:  # torch's shuffling order, with every draw of an epoch made at its start (exact resume)
+        sampler = EpochRandomSampler(dataset, generator)
+    return loader_class(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin, generator=generator if shuffle else None,
                       persistent_workers=False,  # new workers each epoch, seeded from the loader generator: exact resume
                       drop_last=shuffle and len(dataset) % batch_size == 1)  # batch norm needs 2+ samples
@@ -178,7 +208,7 @@ def train_fold(cfg: dict, cache: VolumeCache, augment, folds: pd.DataFrame, repe
     predictions = _held_out_predictions(cfg, cache, net, ids, device, (repeat, fold))
     info = {**_kept_epoch(trainer, evaluator, cfg["train"]), "parameters": count_parameters(net)}
     if dist.is_main():
-        _write_fold(out_dir, predictions, info, seconds, len(ids["train"]), cfg["train"])
+        _write_fold(run_dir, out_dir, predictions, info, seconds, len(ids["train"]), cfg["train"])
     return {**info, "predictions": predictions}
 
 
@@ -254,13 +284,15 @@ def _kept_epoch(trainer, evaluator, train_cfg: dict) -> dict:
     return {"epochs_run": int(trainer.state.epoch), "best_epoch": int(kept_epoch), "best_val_auc": kept_auc}
 
 
-def _write_fold(out_dir: Path, predictions: pd.DataFrame, info: dict, seconds: float, n_train: int,
+def _write_fold(run_dir: Path, out_dir: Path, predictions: pd.DataFrame, info: dict, seconds: float, n_train: int,
                 train_cfg: dict) -> None:
-    """The fold's predictions, timing and (last: it marks the fold finished) result; the resumable
-    checkpoint goes unless ``train.keep_resume_checkpoint``."""
+    """The fold's predictions, timing, its checkpoint's hash (tamper evidence in ``provenance.json``) and
+    (last: it marks the fold finished) result; the resumable checkpoint goes unless
+    ``train.keep_resume_checkpoint``."""
     atomic_write_csv(out_dir / FOLD_PREDICTIONS, predictions)
     atomic_write_json(out_dir / "timing.json", {"train_seconds": seconds, "processes": dist.world_size(),
                                                 "train_volumes": n_train * info["epochs_run"]})
+    record_checkpoint_hash(run_dir, out_dir / BEST_CHECKPOINT)
     atomic_write_json(out_dir / FOLD_RESULT, info)  # written last: marks the fold as finished
     if not bool(train_cfg["keep_resume_checkpoint"]):  # ~0.4 GB a fold; a finished fold needs none
         (out_dir / RESUME_CHECKPOINT).unlink(missing_ok=True)
