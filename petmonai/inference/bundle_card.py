@@ -120,7 +120,7 @@ def _preprocessing_section(run: LoadedRun) -> str:
     lines = ["## Preprocessing\n",
              "The run's own preprocessing, in `configs/inference.json` (`preprocessing`), applied to every input "
              f"volume: the network sees a {'x'.join(map(str, cfg['spatial_size']))} grid of "
-             f"{cfg.get('spacing', ['?'])[0]} mm voxels.\n"]
+             f"{cfg['spacing'][0]} mm voxels.\n"]
     lines += [f"{i}. {_describe_transform(t)}" for i, t in enumerate(pipeline_entries(cfg, "preprocess"), 1)]
     template = cfg.get("template") or {}
     if template:

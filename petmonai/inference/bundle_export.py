@@ -314,7 +314,7 @@ def bundle_metadata(run: LoadedRun, version: str, authors, copyright, input_rang
 
     desc = run.strategy.describe()
     grid = [int(s) for s in run.cfg["spatial_size"]]
-    spacing = run.cfg.get("spacing", ["?"])[0]
+    spacing = run.cfg["spacing"][0]
     metrics = _read_json(run.run_dir / "metrics.json")
     pooled = (metrics.get("pooled_ci") or {}).get("roc_auc") or {}
     synthetic = bool(run.run_provenance.get("synthetic_data", False))

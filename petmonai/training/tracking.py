@@ -46,7 +46,7 @@ _ACTIVE: list = []  # the tracker of the training run in progress (one at a time
 
 
 def tracking_enabled(cfg: dict) -> bool:
-    return bool((cfg.get("tracking") or {}).get("mlflow", False))
+    return bool(cfg["tracking"]["mlflow"])
 
 
 def require_mlflow() -> None:
