@@ -54,9 +54,14 @@ _RISKY_BUILTINS = {"open", "exec", "eval", "compile", "__import__", "breakpoint"
                    "setattr", "delattr", "getattr", "globals", "locals", "vars"}
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 _MODULE_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-_REFERENCE_EXPR = re.compile(r"^@[A-Za-z0-9_]+(?:(?:#|::)[A-Za-z0-9_]+)*(?:\[-?\d+\])*$")
+_REFERENCE = r"@[A-Za-z0-9_]+(?:(?:#|::)[A-Za-z0-9_]+)*(?:\[-?\d+\])*"
+_REFERENCE_EXPR = re.compile(rf"^{_REFERENCE}$")
+# arithmetic of config values and numbers, e.g. the schedule's "$@train#max_epochs * @steps_per_epoch"
+_OPERAND = rf"(?:{_REFERENCE}|\d+(?:\.\d+)?)"
+_ARITHMETIC_EXPR = re.compile(rf"^{_OPERAND}(?:\s*(?:\*|\+|-|//|/)\s*{_OPERAND})+$")
 _DTYPE_EXPR = re.compile(r"^(np|numpy|torch)\.([A-Za-z_]\w*)$")
-EXPRESSION_FORMS = "$@key, $@key[index] (a value of the config), $np.<dtype>, $torch.<dtype>"
+EXPRESSION_FORMS = ("$@key, $@key[index] (a value of the config), arithmetic of such values and numbers "
+                    "($@a * @b), $np.<dtype>, $torch.<dtype>")
 HEADER_KEY = "allow_modules"  # a config's own list of the modules it needs
 _MODES = ("default", "callable")
 
@@ -158,7 +163,7 @@ def _object_problem(name: str, allowed: tuple[str, ...]) -> tuple[str | None, st
 
 def _expression_problem(text: str) -> str | None:
     body = text[1:].strip()
-    if _REFERENCE_EXPR.match(body):
+    if _REFERENCE_EXPR.match(body) or _ARITHMETIC_EXPR.match(body):
         return None
     match = _DTYPE_EXPR.match(body)
     if match:

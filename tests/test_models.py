@@ -103,7 +103,7 @@ def test_model_facts_live_in_the_registry_and_a_network_of_your_own_gets_default
     layer = saliency_layer(own["model"], net)
     assert layer == "features.denseblock4.denselayer16.layers.conv2"  # its last 3x3x3 convolution
     assert dict(net.named_modules())[layer].kernel_size == (3, 3, 3)
-    flat = load_config(overrides=["model={_target_: my_net.Net}", "crop_size=[120, 120]"])
+    flat = load_config(overrides=["model={_target_: my_net.Net}", "crop_size=[120, 120]", "allow_modules=[my_net]"])
     with pytest.raises(ConfigError, match="inference.views"):
         default_views(flat)
     with pytest.raises(ConfigError, match="inference.saliency_layer"):

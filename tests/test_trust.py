@@ -131,12 +131,12 @@ def test_readme_own_transform_without_the_header_needs_allow_module(tmp_path):
     raw = yaml.safe_load(path.read_text())
     raw.pop("allow_modules")
     path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ConfigError, match=r"preprocess.0._target_ 'my_scanner.ClipHotVoxelsd' is outside the "
+    with pytest.raises(ConfigError, match=r"preprocess.clip._target_ 'my_scanner.ClipHotVoxelsd' is outside the "
                                           r"allowed modules \(my_scanner\); to run it, pass --allow-module my_scanner"):
         load_config(path)
     assert "my_scanner" not in sys.modules  # refused before anything was imported
     with trust_policy(allow_modules=["my_scanner"]):
-        assert load_config(path)["preprocess"][0]["_target_"] == "my_scanner.ClipHotVoxelsd"
+        assert load_config(path)["preprocess"]["clip"]["_target_"] == "my_scanner.ClipHotVoxelsd"
 
 
 def test_a_run_folders_header_needs_the_users_confirmation(tmp_path):
@@ -186,7 +186,7 @@ def test_the_run_records_the_hashes_of_its_config_and_checkpoints(finished_run, 
 def plant(run: Path, witness: Path) -> None:
     """A file-writing expression in the run's config, which evaluates to the dtype it replaces."""
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    cfg["preprocess"][0]["dtype"] = f"$__import__('pathlib').Path({str(witness)!r}).write_text('ran') and np.float32"
+    cfg["preprocess"]["load"]["dtype"] = f"$__import__('pathlib').Path({str(witness)!r}).write_text('ran') and np.float32"
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
@@ -205,7 +205,7 @@ def test_planted_expression_is_refused_by_predict_report_and_resume(finished_run
     for name, command in commands.items():
         assert command() == 2, name
         captured = capsys.readouterr()
-        assert "config not trusted, nothing was built: preprocess.0.dtype" in captured.err, name
+        assert "config not trusted, nothing was built: preprocess.load.dtype" in captured.err, name
         assert "--trust-config" in captured.err and not witness.exists(), name
         if name == "predict":  # the tamper warning (once per folder and file in a process)
             assert "does not match what its run wrote (provenance.json): config.yaml (changed)" in captured.out
@@ -219,7 +219,7 @@ def test_unlisted_target_in_a_run_folder_is_refused_until_allowed(finished_run, 
     run = tmp_path / "theirs"
     shutil.copytree(finished_run, run)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    cfg["preprocess"].insert(-1, {"_target_": "their_lab.transforms.Normalised", "keys": "image"})
+    cfg["preprocess"]["theirs"] = {"_target_": "their_lab.transforms.Normalised", "_before_": "to_tensor", "keys": "image"}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     assert load_script("report").main([str(run), "--no-figures"]) == 2
     err = capsys.readouterr().err
@@ -228,3 +228,13 @@ def test_unlisted_target_in_a_run_folder_is_refused_until_allowed(finished_run, 
     # allowed, the check passes and the report (which builds nothing) is written
     assert load_script("report").main([str(run), "--no-figures", "--allow-module", "their_lab.transforms"]) == 0
     assert (run / "report.md").is_file()
+
+
+@pytest.mark.parametrize("text, allowed", [
+    ("$@train#max_epochs * @steps_per_epoch", True), ("$@spacing[0] / 2", True), ("$@a + 1.5", True),
+    ("$@a * __import__('os').getpid()", False), ("$@a.__class__", False), ("$2 ** 100000000", False),
+])
+def test_arithmetic_of_config_values_is_the_only_other_expression(text, allowed):
+    from petmonai.trust import _expression_problem
+
+    assert (_expression_problem(text) is None) is allowed
