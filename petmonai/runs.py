@@ -8,6 +8,7 @@ half-written file behind.
 from __future__ import annotations
 
 import hashlib
+import contextlib
 import json
 import logging
 import os
@@ -49,6 +50,36 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def staged_folder(output: str | Path):
+    """A folder written whole or not at all: the block fills a temporary folder beside ``output``,
+    which then replaces ``output`` (an earlier one goes only once the new one is in); on an error
+    the temporary folder is removed and ``output`` is as it was.
+
+    >>> import tempfile
+    >>> with staged_folder(Path(tempfile.mkdtemp()) / "out") as tmp:
+    ...     _ = (tmp / "a.txt").write_text("a")
+    """
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))
+    try:
+        yield tmp
+        old = output.parent / f".{output.name}.replaced-{os.getpid()}-{time.time_ns()}"
+        if output.exists():
+            output.rename(old)
+        try:
+            tmp.rename(output)
+        except BaseException:
+            if old.exists():
+                old.rename(output)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

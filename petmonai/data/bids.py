@@ -43,14 +43,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
 from petmonai.data.classes import parse_label
 from petmonai.errors import DataError, PetmonaiError
-from petmonai.runs import atomic_write_json, atomic_write_text, get_logger
+from petmonai.runs import atomic_write_json, atomic_write_text, get_logger, staged_folder
 
 log = get_logger("data")
 
@@ -277,9 +276,7 @@ def write_bids(datalist: pd.DataFrame, out: str | Path, *, tracer: str | None = 
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise PetmonaiError(f"{out}: exists and is not empty; choose a new folder or pass --overwrite")
     plan = _plan_bids(datalist, tracer, dict(rename or {}))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with staged_folder(out) as tmp:
         for src, rel, sub, ses in zip(plan["image"], plan["bids_path"], plan["bids_sub"], plan["bids_ses"]):
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -287,11 +284,5 @@ def write_bids(datalist: pd.DataFrame, out: str | Path, *, tracer: str | None = 
             sidecar = {"Modality": "PT", "TracerName": tracer or "n/a", "SourceFile": str(Path(src).resolve())}
             atomic_write_json(target.with_name(re.sub(r"\.nii(\.gz)?$", ".json", target.name)), sidecar)
         _write_tables(plan, tmp, name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %d scans of %d subjects as BIDS into %s", len(plan), plan["bids_sub"].nunique(), out)
     return out

@@ -43,7 +43,7 @@ import pandas as pd
 
 from petmonai.data.bids import BIDS_VERSION, bids_label
 from petmonai.errors import DataError, PetmonaiError
-from petmonai.runs import atomic_write_json, atomic_write_text, get_logger
+from petmonai.runs import atomic_write_json, atomic_write_text, get_logger, staged_folder
 
 log = get_logger("dicom")
 
@@ -278,17 +278,9 @@ def convert_dicom(dicom_dir: str | Path, output: str | Path, mapping: str | Path
     for s in pet:
         check_slices(s, root)
     names = plan_names(pet, read_mapping(mapping) if mapping else {})
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
-    try:
+    with staged_folder(output) as staging:
         converted = _convert_all(names, root, staging)
         _write_dataset_files(staging, converted, root)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     for s in skipped:
         log.info("skipped %s: %s", s["series"], s["reason"])
     log.info("converted %d PET series into %s (%d other series skipped)", len(converted), output, len(skipped))

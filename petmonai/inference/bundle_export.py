@@ -28,8 +28,6 @@ import importlib.metadata
 import io
 import json
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 import numpy as np
@@ -38,7 +36,7 @@ from petmonai import __version__
 from petmonai.config import pipeline_entries
 from petmonai.data import run_classes
 from petmonai.errors import PetmonaiError
-from petmonai.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, get_logger
+from petmonai.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, get_logger, staged_folder
 from petmonai.inference.bundle import ViewEnsemble
 from petmonai.inference.bundle_card import bundle_license, model_card
 from petmonai.inference.predictor import (POSITIVE_INDEX, LoadedRun, load_models, load_run, predict_views,
@@ -99,33 +97,11 @@ def export_bundle(run_dir, output, *, overwrite: bool = False, options: dict | N
         raise PetmonaiError(f"{run_dir}: predicts with '{run.strategy.name}' views (a 2D slice model); a bundle "
                             "holds a 3D model's sliding-window ensemble")
     load_models(run)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.partial-"))
-    try:
+    with staged_folder(output) as tmp:  # a failed export leaves no half-written bundle
         write_bundle(tmp, run, version=version, authors=authors, copyright=copyright, license_text=license_text)
-        publish(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote bundle %s (%d fold models x %d views)", output, len(run.models),
              run.strategy.describe()["n_views"])
     return output
-
-
-def publish(tmp: Path, output: Path) -> None:
-    """Rename the finished bundle into place; an earlier bundle there (``--overwrite``) goes only once
-    the new one is in."""
-    if not output.exists():
-        tmp.rename(output)
-        return
-    old = output.parent / f".{output.name}.replaced-{int(time.time())}"
-    output.rename(old)
-    try:
-        tmp.rename(output)
-    except BaseException:
-        old.rename(output)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_bundle(root: Path, run: LoadedRun, *, version: str, authors, copyright, license_text) -> None:

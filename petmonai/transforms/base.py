@@ -1,13 +1,15 @@
-"""PET-specific MONAI transforms (array + dictionary twins) and the config-built pipelines.
+"""Basic PET transforms (array + dictionary twins): the volume check, brain masks, helpers.
 
-The pipeline is split in two, both lists of MONAI dictionary transforms in the config:
+The pipelines are built from the config's named stages (:mod:`petmonai.transforms.pipeline`):
 ``preprocess`` (deterministic: load, orient, resample, normalise, crop; cached once per volume)
 and ``augment`` (random, applied per epoch to the cached result, training only).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from collections.abc import Hashable, Mapping
 import torch
 import numpy as np
@@ -17,6 +19,12 @@ from petmonai.errors import DataError
 
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.3548
+
+# MONAI's LoadImaged builds every image reader it has; with pydicom installed (petmonai's DICOM
+# conversion needs it) its GPU DICOM reader warns twice on every machine without nvImageCodec, on
+# every load stage built. petmonai's pipelines read NIfTI, never DICOM: keep the console clean.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin")
 
 
 def source_file(img) -> str:
