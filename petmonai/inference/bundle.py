@@ -36,9 +36,10 @@ from petmonai.errors import ConfigError, DataError, PetmonaiError
 from petmonai.runs import atomic_write_csv, get_logger
 from petmonai.inference.predictor import preprocess_path
 
+from petmonai.inference.views import SlidingWindowFlips3D
+
 PROBABILITIES = "probabilities.csv"   # in the bundle run's output_dir (predict names its side files after --output)
 SKIPPED = "skipped.csv"
-from petmonai.inference.views import SlidingWindowFlips3D
 
 
 log = get_logger("bundle")
@@ -233,14 +234,9 @@ class ViewEnsemble(torch.nn.Module):
         self.spatial_size = [int(s) for s in spatial_size]
         if len(self.spatial_size) != 3:
             raise ConfigError(f"ViewEnsemble: spatial_size {spatial_size} is not 3D")
-        whole = strategy.mode == "whole"
-        self.pad = []
-        for s, r in reversed(list(zip(self.spatial_size, strategy.roi))):
-            extra = 0 if whole else max(0, r - s)
-            self.pad += [extra // 2, extra - extra // 2]
-        if not any(self.pad):
-            self.pad = []
-        padded = self.spatial_size if whole else [max(s, r) for s, r in zip(self.spatial_size, strategy.roi)]
+        self.pad = strategy.pad_widths(self.spatial_size)
+        padded = (self.spatial_size if strategy.mode == "whole"
+                  else [max(s, r) for s, r in zip(self.spatial_size, strategy.roi)])
         windows_ = strategy.window_slices(padded)
         self.size = [w.stop - w.start for w in windows_[0]]
         self.starts = [[w[i].start for i in range(3)] for w in windows_]

@@ -239,16 +239,21 @@ class SlidingWindowFlips3D(ViewStrategy):
         per_axis = [window_starts(int(s), r, self.overlap, self.mode) for s, r in zip(shape, self.roi)]
         return [tuple(slice(a, a + r) for a, r in zip(starts, self.roi)) for starts in itertools.product(*per_axis)]
 
-    def _pad(self, volume: torch.Tensor) -> torch.Tensor:
-        spatial = volume.shape[1:]
+    def pad_widths(self, shape: Sequence[int]) -> list[int]:
+        """``torch.nn.functional.pad`` widths (last axis first) that centre a volume of spatial ``shape``
+        in one at least the crop size; ``[]`` when none is needed (or with ``windows: whole``)."""
         pads = []
-        for s, r in reversed(list(zip(spatial, self.roi))):
-            extra = max(0, r - int(s))
+        for s, r in reversed(list(zip(shape, self.roi))):
+            extra = 0 if self.mode == "whole" else max(0, r - int(s))
             pads += [extra // 2, extra - extra // 2]
-        return torch.nn.functional.pad(volume, pads) if any(pads) else volume
+        return pads if any(pads) else []
+
+    def _pad(self, volume: torch.Tensor) -> torch.Tensor:
+        pads = self.pad_widths(volume.shape[1:])
+        return torch.nn.functional.pad(volume, pads) if pads else volume
 
     def views(self, volume: torch.Tensor, rng: np.random.Generator | None = None) -> torch.Tensor:
-        volume = self._pad(volume) if self.mode != "whole" else volume
+        volume = self._pad(volume)
         windows = self.window_slices(volume.shape[1:])
         out = []
         for flip in self.flips:
