@@ -20,7 +20,8 @@ NOT_FOR_CLINICAL_USE = ("**Not for clinical use.** A research model: not a medic
                         "diagnosis or screening, and not to be used to make decisions about patients.")
 
 
-def _read_json(path: Path) -> dict:
+def read_json_or_empty(path: Path) -> dict:
+    """A JSON file of the run folder, or ``{}`` when it is missing or unreadable (the card says what is missing)."""
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -33,8 +34,8 @@ def _num(value) -> str:
 
 def model_card(run: LoadedRun, metadata: dict, check: dict) -> str:
     """The bundle's ``docs/README.md``."""
-    metrics = _read_json(run.run_dir / "metrics.json")
-    reference = _read_json(run.run_dir / "reference" / "metrics.json")
+    metrics = read_json_or_empty(run.run_dir / "metrics.json")
+    reference = read_json_or_empty(run.run_dir / "reference" / "metrics.json")
     sections = [
         f"# {metadata['name']}\n\n{NOT_FOR_CLINICAL_USE}\n\n{metadata['description']}\n",
         _data_section(run),
@@ -49,7 +50,7 @@ def model_card(run: LoadedRun, metadata: dict, check: dict) -> str:
 
 
 def _data_section(run: LoadedRun) -> str:
-    audit = _read_json(run.run_dir / "audit.json")
+    audit = read_json_or_empty(run.run_dir / "audit.json")
     synthetic = bool(run.run_provenance.get("synthetic_data", audit.get("synthetic", False)))
     lines = ["## Training data\n"]
     if synthetic:
@@ -148,7 +149,7 @@ def _ensemble_section(run: LoadedRun, check: dict) -> str:
 
 
 def _limits_section(run: LoadedRun) -> str:
-    audit = _read_json(run.run_dir / "audit.json")
+    audit = read_json_or_empty(run.run_dir / "audit.json")
     confounded = any("site" in w.lower() for w in audit.get("warnings") or [])
     lines = ["## Intended use and limits\n", f"- {NOT_FOR_CLINICAL_USE}",
              "- Intended for research on brain FDG-PET of the population it was trained on; inputs are whole-brain "

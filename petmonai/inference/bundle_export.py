@@ -38,7 +38,7 @@ from petmonai.data import run_classes
 from petmonai.errors import PetmonaiError
 from petmonai.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, get_logger, staged_folder
 from petmonai.inference.bundle import ViewEnsemble
-from petmonai.inference.bundle_card import bundle_license, model_card
+from petmonai.inference.bundle_card import bundle_license, model_card, read_json_or_empty
 from petmonai.inference.predictor import (POSITIVE_INDEX, LoadedRun, load_models, load_run, predict_views,
                                           preprocess_path)
 from petmonai.inference.views import SlidingWindowFlips3D
@@ -291,7 +291,7 @@ def bundle_metadata(run: LoadedRun, version: str, authors, copyright, input_rang
     desc = run.strategy.describe()
     grid = [int(s) for s in run.cfg["spatial_size"]]
     spacing = run.cfg["spacing"][0]
-    metrics = _read_json(run.run_dir / "metrics.json")
+    metrics = read_json_or_empty(run.run_dir / "metrics.json")
     pooled = (metrics.get("pooled_ci") or {}).get("roc_auc") or {}
     synthetic = bool(run.run_provenance.get("synthetic_data", False))
     classes = ", ".join(f"{i}: {c}" for i, c in enumerate(run_classes(run.cfg)))
@@ -350,10 +350,3 @@ def network_data_format(grid: list[int], input_range: list[float], classes) -> d
                                             "softmax (the bundle's postprocessing) gives the probabilities"}},
         "post_processed_outputs": {"pred": probabilities},
     }
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
