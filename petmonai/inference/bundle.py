@@ -23,7 +23,6 @@ own runner (``python -m monai.bundle run``) as ``predict.py`` does with the run 
 
 import copy
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import List
 
@@ -34,7 +33,7 @@ from petmonai import CLASS_NAMES
 from petmonai.data import is_nifti, nifti_stem
 from petmonai.errors import ConfigError, DataError, PetmonaiError
 from petmonai.runs import atomic_write_csv, get_logger
-from petmonai.inference.predictor import preprocess_path
+from petmonai.inference.predictor import preprocess_path, screen_all
 
 from petmonai.inference.views import SlidingWindowFlips3D
 
@@ -152,18 +151,8 @@ class ScreenedDataset(torch.utils.data.Dataset):
         """Preprocess every input once (on first use); the usable items."""
         if self._items is not None:
             return self._items
-        if self.workers > 1 and len(self.data) > 1:
-            with ThreadPoolExecutor(self.workers) as pool:
-                results = list(pool.map(self._prepare, self.data))
-        else:
-            results = [self._prepare(e) for e in self.data]
-        bad = [r for r in results if "problem" in r]
-        good = [r for r in results if "problem" not in r]
-        if bad and not self.skip_bad:
-            lines = "; ".join(f"{b['file']}: {b['problem']}" for b in bad)
-            raise PetmonaiError(f"{len(bad)} of {len(self.data)} input volume(s) cannot be used, nothing written: "
-                                f"{lines}. Fix or remove them, or run with --skip_bad True to predict the others "
-                                f"(listed in {SKIPPED})")
+        good, bad = screen_all(self.data, self._prepare, self.workers, self.skip_bad,
+                               f"run with --skip_bad True to predict the others (listed in {SKIPPED})")
         if not good:
             raise PetmonaiError(f"none of the {len(self.data)} input volume(s) can be used: "
                                 + "; ".join(f"{b['file']}: {b['problem']}" for b in bad))

@@ -519,18 +519,27 @@ def prepare_all(files: Sequence[InputFile], run: LoadedRun, skip_bad: bool) -> t
         except DataError as err:
             return {"uuid": item.uuid, "file": str(item.path), "problem": err.problem}
 
-    workers = max(1, int(run.options["workers"]))
-    if workers > 1 and len(files) > 1:
+    return screen_all(files, work, run.options["workers"], skip_bad, "pass --skip-bad to predict the others")
+
+
+def screen_all(items: Sequence, work, workers, skip_bad: bool, skip_hint: str) -> tuple[list, list[dict]]:
+    """``work`` on every item (``workers`` threads), which returns the prepared item or, for one that
+    cannot be used, a dict with its ``uuid``, ``file`` and ``problem``: ``(prepared, bad)`` in input
+    order. Unless ``skip_bad``, any bad item is an error naming every one (``skip_hint``: how to skip
+    them). ``predict`` (:func:`prepare_all`) and a bundle's dataset both screen their inputs here."""
+    workers = max(1, int(workers))
+    if workers > 1 and len(items) > 1:
         with ThreadPoolExecutor(workers) as pool:
-            results = list(pool.map(work, files))
+            results = list(pool.map(work, items))
     else:
-        results = [work(f) for f in files]
-    good = [r for r in results if isinstance(r, Prepared)]
-    bad = [r for r in results if isinstance(r, dict)]
+        results = [work(item) for item in items]
+    is_bad = [isinstance(r, dict) and "problem" in r for r in results]
+    good = [r for r, b in zip(results, is_bad) if not b]
+    bad = [r for r, b in zip(results, is_bad) if b]
     if bad and not skip_bad:
         lines = "; ".join(f"{b['file']}: {b['problem']}" for b in bad)
-        raise PetmonaiError(f"{len(bad)} of {len(files)} input volume(s) cannot be used, nothing written: {lines}. "
-                            "Fix or remove them, or pass --skip-bad to predict the others")
+        raise PetmonaiError(f"{len(bad)} of {len(items)} input volume(s) cannot be used, nothing written: {lines}. "
+                            f"Fix or remove them, or {skip_hint}")
     return good, bad
 
 
