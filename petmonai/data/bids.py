@@ -139,6 +139,11 @@ class BidsLabels:
         self.participants_path = root / "participants.tsv"
         self.participants = (read_tsv(self.participants_path, "participant_id")
                              if self.participants_path.is_file() else None)
+        table = self.participants if self.participants is not None else pd.DataFrame(columns=["participant_id"])
+        sites = table["site"] if "site" in table.columns else [""] * len(table)
+        self.subject_sites: dict[str, str] = {}  # participant_id -> site of its first row: indexed once, not per scan
+        for pid, site in zip(table["participant_id"], sites):
+            self.subject_sites.setdefault(pid, site)
         self.sessions: dict[str, tuple[Path, pd.DataFrame]] = {}
         for path in sorted(root.glob("sub-*/sub-*_sessions.tsv")):
             self.sessions[path.parent.name] = (path, read_tsv(path, "session_id"))
@@ -173,12 +178,10 @@ class BidsLabels:
 
     def row(self, subject: str, session: str | None, image: Path) -> dict:
         """``label`` (None: unlabelled) and ``site`` ('' unknown) of one scan."""
-        if self.participants is not None and subject not in set(self.participants["participant_id"]):
+        if self.participants is not None and subject not in self.subject_sites:
             raise DataError(image, f"subject {subject} has no row in {self.participants_path}")
-        part = self.participants[self.participants["participant_id"] == subject] if self.participants is not None \
-            else pd.DataFrame()
         label, where = (self.subject_labels or {}).get(subject, (None, ""))
-        site = part["site"].iloc[0] if "site" in part.columns and len(part) else ""
+        site = self.subject_sites.get(subject, "")
         path, table = self.sessions.get(subject, (None, None))
         if session is not None and table is not None:
             matches = [i for i, s in enumerate(table["session_id"]) if s in (f"ses-{session}", session)]
@@ -198,7 +201,7 @@ class BidsLabels:
     def subjects_without_files(self, subjects: set[str]) -> list[str]:
         if self.participants is None:
             return []
-        return sorted(set(self.participants["participant_id"]) - subjects)
+        return sorted(set(self.subject_sites) - subjects)
 
 
 def keeps_tracer(entities: dict, sidecar: dict | None, tracer: str | None) -> bool:
