@@ -108,9 +108,14 @@ def read_tsv(path: Path, key: str) -> pd.DataFrame:
     return table.apply(lambda col: col.str.strip())
 
 
+def sidecar_path(image: Path) -> Path:
+    """The JSON sidecar's path of a NIfTI file: ``..._pet.nii.gz`` -> ``..._pet.json``."""
+    return image.with_name(re.sub(r"\.nii(\.gz)?$", ".json", image.name))
+
+
 def read_sidecar(image: Path) -> dict | None:
     """The ``_pet.json`` beside a PET file, or None when there is none; :class:`DataError` if it is no JSON object."""
-    path = image.with_name(re.sub(r"\.nii(\.gz)?$", ".json", image.name))
+    path = sidecar_path(image)
     if not path.is_file():
         return None
     try:
@@ -204,11 +209,15 @@ class BidsLabels:
         return sorted(set(self.subject_sites) - subjects)
 
 
+def scan_tracer(entities: dict, sidecar: dict | None) -> str:
+    """A PET file's tracer: its ``trc-`` entity, else the sidecar's ``TracerName`` ('' when neither names one)."""
+    return entities.get("trc") or str((sidecar or {}).get("TracerName") or "")
+
+
 def keeps_tracer(entities: dict, sidecar: dict | None, tracer: str | None) -> bool:
     if tracer in (None, ""):
         return True
-    found = entities.get("trc") or str((sidecar or {}).get("TracerName") or "")
-    return found.lower() == str(tracer).lower()
+    return scan_tracer(entities, sidecar).lower() == str(tracer).lower()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,7 +294,7 @@ def write_bids(datalist: pd.DataFrame, out: str | Path, *, tracer: str | None = 
             target.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(Path(src).resolve(), target) if link else shutil.copyfile(src, target)
             sidecar = {"Modality": "PT", "TracerName": tracer or "n/a", "SourceFile": str(Path(src).resolve())}
-            atomic_write_json(target.with_name(re.sub(r"\.nii(\.gz)?$", ".json", target.name)), sidecar)
+            atomic_write_json(sidecar_path(target), sidecar)
         _write_tables(plan, tmp, name)
     log.info("wrote %d scans of %d subjects as BIDS into %s", len(plan), plan["bids_sub"].nunique(), out)
     return out

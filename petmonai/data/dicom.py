@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from petmonai.data.bids import BIDS_VERSION, bids_label
+from petmonai.data.bids import BIDS_VERSION, bids_label, sidecar_path
 from petmonai.errors import DataError, PetmonaiError
 from petmonai.runs import atomic_write_json, atomic_write_text, get_logger, staged_folder
 
@@ -237,8 +237,8 @@ def run_dcm2niix(series: Series, root: Path, work: Path) -> tuple[Path, dict]:
         raise DataError(root / series.files[0].parent.relative_to(root),
                         f"{series.describe(root)}: dcm2niix made {len(images)} image(s) instead of one "
                         f"(exit {proc.returncode}; {' | '.join(detail)})")
-    sidecar_path = images[0].with_name(images[0].name[:-len(".nii.gz")] + ".json")
-    sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else {}
+    side = sidecar_path(images[0])
+    sidecar = json.loads(side.read_text()) if side.is_file() else {}
     return images[0], sidecar
 
 
