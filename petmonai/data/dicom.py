@@ -74,6 +74,12 @@ class Series:
     def modality(self) -> str:
         return self.tag("Modality").upper()
 
+    @property
+    def radiopharmaceutical(self) -> str:
+        """The header's ``Radiopharmaceutical`` name, '' when it names none."""
+        seq = getattr(self.header, "RadiopharmaceuticalInformationSequence", None)
+        return str(getattr(seq[0], "Radiopharmaceutical", "") or "") if seq else ""
+
     def describe(self, root: Path) -> str:
         folders = sorted({str(f.parent.relative_to(root)) for f in self.files})
         return (f"series {self.tag('SeriesNumber', '?')} '{self.tag('SeriesDescription')}' ({self.modality or '?'}, "
@@ -144,8 +150,7 @@ def check_slices(series: Series, root: Path) -> None:
 
 def tracer_label(series: Series) -> str:
     """The ``trc-`` label of a series' radiopharmaceutical, '' when the header names none."""
-    seq = getattr(series.header, "RadiopharmaceuticalInformationSequence", None)
-    name = str(getattr(seq[0], "Radiopharmaceutical", "") or "") if seq else ""
+    name = series.radiopharmaceutical
     key = re.sub(r"[^a-z0-9]", "", name.lower())
     return TRACER_LABELS.get(key, re.sub(r"[^A-Za-z0-9]", "", name)) if key else ""
 
@@ -246,10 +251,8 @@ def complete_sidecar(sidecar: dict, series: Series) -> dict:
     """dcm2niix's sidecar with the header facts petmonai and PET-BIDS read added where it left them out."""
     extra = {"Modality": series.modality, "Manufacturer": series.tag("Manufacturer"),
              "ManufacturersModelName": series.tag("ManufacturerModelName"),
-             "InstitutionName": series.tag("InstitutionName"), "Units": series.tag("Units")}
-    seq = getattr(series.header, "RadiopharmaceuticalInformationSequence", None)
-    if seq:
-        extra["TracerName"] = str(getattr(seq[0], "Radiopharmaceutical", "") or "")
+             "InstitutionName": series.tag("InstitutionName"), "Units": series.tag("Units"),
+             "TracerName": series.radiopharmaceutical}
     out = dict(sidecar)
     for key, value in extra.items():
         if value and not out.get(key):
