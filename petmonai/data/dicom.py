@@ -65,6 +65,7 @@ class Series:
     uid: str
     files: list[Path] = field(default_factory=list)
     header: object = None        # the first file's pydicom dataset (no pixels)
+    headers: list = field(default_factory=list)  # every file's, in the order of files (read once, by find_series)
 
     def tag(self, name: str, default: str = "") -> str:
         value = getattr(self.header, name, None)
@@ -111,6 +112,7 @@ def find_series(folder: str | Path) -> list[Series]:
             continue
         entry = series.setdefault(uid, Series(uid, header=ds))
         entry.files.append(path)
+        entry.headers.append(ds)
     return sorted(series.values(), key=lambda s: (_int(s.tag("SeriesNumber")), s.uid))
 
 
@@ -127,7 +129,8 @@ def check_slices(series: Series, root: Path) -> None:
     where = Path(root) / series.files[0].parent.relative_to(root)
     if len(series.files) == 1:
         return  # one file: an enhanced multi-frame object, whose frames dcm2niix orders
-    heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
+    heads = (series.headers if len(series.headers) == len(series.files)  # as find_series read them
+             else [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files])
     try:
         iop = np.array([[float(v) for v in h.ImageOrientationPatient] for h in heads])
         ipp = np.array([[float(v) for v in h.ImagePositionPatient] for h in heads])
