@@ -54,11 +54,6 @@ log = get_logger("data")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
-CLASS_TO_LABEL = {name: i for i, name in enumerate(CLASS_NAMES)}  # the challenge's classes
-
-
-
-
 ADNI_SUBJECT = re.compile(r"^(\d{3})_S_(\d{4})$")
 
 
@@ -69,8 +64,6 @@ COLUMNS = [
 
 
 BIDS_COLUMNS = ["session", "tracer"]
-
-
 """Columns a BIDS datalist adds to :data:`COLUMNS` (the ``ses-`` and ``trc-`` entities, '' when absent)."""
 
 
