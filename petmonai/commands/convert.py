@@ -77,14 +77,14 @@ def to_bids_options(parser) -> None:
                      "cohort (a template of the layout).")
 def to_bids_command(args) -> None:
     from petmonai.config import default_config_path, load_config
-    from petmonai.data import data_options, discover, generate_cohort, write_bids
+    from petmonai.data import discover, generate_cohort, run_classes, write_bids
     from petmonai.runs import setup_logging
 
     setup_logging(None)
     if (args.data_root is None) == (not args.synthetic):
         raise PetmonaiError("give either DATA_ROOT or --synthetic")
     cfg = load_config(default_config_path(), args.overrides)
-    read = {k: v for k, v in data_options(cfg).items() if k == "classes"}
+    read = {"classes": run_classes(cfg)}
     common = dict(tracer=args.tracer or None, rename=_renames(args.rename), overwrite=args.overwrite)
     if args.synthetic:
         with tempfile.TemporaryDirectory(prefix="petmonai-phantoms-") as tmp:

@@ -29,7 +29,6 @@ from petmonai.data.dicom import (  # noqa: F401
 from petmonai.data.discover import (  # noqa: F401
     ADNI_SUBJECT,
     BIDS_COLUMNS,
-    CLASS_TO_LABEL,
     COLUMNS,
     data_options,
     discover_bids,

@@ -108,9 +108,14 @@ def read_tsv(path: Path, key: str) -> pd.DataFrame:
     return table.apply(lambda col: col.str.strip())
 
 
+def sidecar_path(image: Path) -> Path:
+    """The JSON sidecar's path of a NIfTI file: ``..._pet.nii.gz`` -> ``..._pet.json``."""
+    return image.with_name(re.sub(r"\.nii(\.gz)?$", ".json", image.name))
+
+
 def read_sidecar(image: Path) -> dict | None:
     """The ``_pet.json`` beside a PET file, or None when there is none; :class:`DataError` if it is no JSON object."""
-    path = image.with_name(re.sub(r"\.nii(\.gz)?$", ".json", image.name))
+    path = sidecar_path(image)
     if not path.is_file():
         return None
     try:
@@ -139,6 +144,11 @@ class BidsLabels:
         self.participants_path = root / "participants.tsv"
         self.participants = (read_tsv(self.participants_path, "participant_id")
                              if self.participants_path.is_file() else None)
+        table = self.participants if self.participants is not None else pd.DataFrame(columns=["participant_id"])
+        sites = table["site"] if "site" in table.columns else [""] * len(table)
+        self.subject_sites: dict[str, str] = {}  # participant_id -> site of its first row: indexed once, not per scan
+        for pid, site in zip(table["participant_id"], sites):
+            self.subject_sites.setdefault(pid, site)
         self.sessions: dict[str, tuple[Path, pd.DataFrame]] = {}
         for path in sorted(root.glob("sub-*/sub-*_sessions.tsv")):
             self.sessions[path.parent.name] = (path, read_tsv(path, "session_id"))
@@ -173,12 +183,10 @@ class BidsLabels:
 
     def row(self, subject: str, session: str | None, image: Path) -> dict:
         """``label`` (None: unlabelled) and ``site`` ('' unknown) of one scan."""
-        if self.participants is not None and subject not in set(self.participants["participant_id"]):
+        if self.participants is not None and subject not in self.subject_sites:
             raise DataError(image, f"subject {subject} has no row in {self.participants_path}")
-        part = self.participants[self.participants["participant_id"] == subject] if self.participants is not None \
-            else pd.DataFrame()
         label, where = (self.subject_labels or {}).get(subject, (None, ""))
-        site = part["site"].iloc[0] if "site" in part.columns and len(part) else ""
+        site = self.subject_sites.get(subject, "")
         path, table = self.sessions.get(subject, (None, None))
         if session is not None and table is not None:
             matches = [i for i, s in enumerate(table["session_id"]) if s in (f"ses-{session}", session)]
@@ -198,14 +206,18 @@ class BidsLabels:
     def subjects_without_files(self, subjects: set[str]) -> list[str]:
         if self.participants is None:
             return []
-        return sorted(set(self.participants["participant_id"]) - subjects)
+        return sorted(set(self.subject_sites) - subjects)
+
+
+def scan_tracer(entities: dict, sidecar: dict | None) -> str:
+    """A PET file's tracer: its ``trc-`` entity, else the sidecar's ``TracerName`` ('' when neither names one)."""
+    return entities.get("trc") or str((sidecar or {}).get("TracerName") or "")
 
 
 def keeps_tracer(entities: dict, sidecar: dict | None, tracer: str | None) -> bool:
     if tracer in (None, ""):
         return True
-    found = entities.get("trc") or str((sidecar or {}).get("TracerName") or "")
-    return found.lower() == str(tracer).lower()
+    return scan_tracer(entities, sidecar).lower() == str(tracer).lower()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -282,7 +294,7 @@ def write_bids(datalist: pd.DataFrame, out: str | Path, *, tracer: str | None = 
             target.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(Path(src).resolve(), target) if link else shutil.copyfile(src, target)
             sidecar = {"Modality": "PT", "TracerName": tracer or "n/a", "SourceFile": str(Path(src).resolve())}
-            atomic_write_json(target.with_name(re.sub(r"\.nii(\.gz)?$", ".json", target.name)), sidecar)
+            atomic_write_json(sidecar_path(target), sidecar)
         _write_tables(plan, tmp, name)
     log.info("wrote %d scans of %d subjects as BIDS into %s", len(plan), plan["bids_sub"].nunique(), out)
     return out

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from petmonai.data.bids import BIDS_VERSION, bids_label
+from petmonai.data.bids import BIDS_VERSION, bids_label, sidecar_path
 from petmonai.errors import DataError, PetmonaiError
 from petmonai.runs import atomic_write_json, atomic_write_text, get_logger, staged_folder
 
@@ -65,6 +65,7 @@ class Series:
     uid: str
     files: list[Path] = field(default_factory=list)
     header: object = None        # the first file's pydicom dataset (no pixels)
+    headers: list = field(default_factory=list)  # every file's, in the order of files (read once, by find_series)
 
     def tag(self, name: str, default: str = "") -> str:
         value = getattr(self.header, name, None)
@@ -73,6 +74,12 @@ class Series:
     @property
     def modality(self) -> str:
         return self.tag("Modality").upper()
+
+    @property
+    def radiopharmaceutical(self) -> str:
+        """The header's ``Radiopharmaceutical`` name, '' when it names none."""
+        seq = getattr(self.header, "RadiopharmaceuticalInformationSequence", None)
+        return str(getattr(seq[0], "Radiopharmaceutical", "") or "") if seq else ""
 
     def describe(self, root: Path) -> str:
         folders = sorted({str(f.parent.relative_to(root)) for f in self.files})
@@ -105,6 +112,7 @@ def find_series(folder: str | Path) -> list[Series]:
             continue
         entry = series.setdefault(uid, Series(uid, header=ds))
         entry.files.append(path)
+        entry.headers.append(ds)
     return sorted(series.values(), key=lambda s: (_int(s.tag("SeriesNumber")), s.uid))
 
 
@@ -121,7 +129,8 @@ def check_slices(series: Series, root: Path) -> None:
     where = Path(root) / series.files[0].parent.relative_to(root)
     if len(series.files) == 1:
         return  # one file: an enhanced multi-frame object, whose frames dcm2niix orders
-    heads = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
+    heads = (series.headers if len(series.headers) == len(series.files)  # as find_series read them
+             else [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files])
     try:
         iop = np.array([[float(v) for v in h.ImageOrientationPatient] for h in heads])
         ipp = np.array([[float(v) for v in h.ImagePositionPatient] for h in heads])
@@ -144,8 +153,7 @@ def check_slices(series: Series, root: Path) -> None:
 
 def tracer_label(series: Series) -> str:
     """The ``trc-`` label of a series' radiopharmaceutical, '' when the header names none."""
-    seq = getattr(series.header, "RadiopharmaceuticalInformationSequence", None)
-    name = str(getattr(seq[0], "Radiopharmaceutical", "") or "") if seq else ""
+    name = series.radiopharmaceutical
     key = re.sub(r"[^a-z0-9]", "", name.lower())
     return TRACER_LABELS.get(key, re.sub(r"[^A-Za-z0-9]", "", name)) if key else ""
 
@@ -237,8 +245,8 @@ def run_dcm2niix(series: Series, root: Path, work: Path) -> tuple[Path, dict]:
         raise DataError(root / series.files[0].parent.relative_to(root),
                         f"{series.describe(root)}: dcm2niix made {len(images)} image(s) instead of one "
                         f"(exit {proc.returncode}; {' | '.join(detail)})")
-    sidecar_path = images[0].with_name(images[0].name[:-len(".nii.gz")] + ".json")
-    sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else {}
+    side = sidecar_path(images[0])
+    sidecar = json.loads(side.read_text()) if side.is_file() else {}
     return images[0], sidecar
 
 
@@ -246,10 +254,8 @@ def complete_sidecar(sidecar: dict, series: Series) -> dict:
     """dcm2niix's sidecar with the header facts petmonai and PET-BIDS read added where it left them out."""
     extra = {"Modality": series.modality, "Manufacturer": series.tag("Manufacturer"),
              "ManufacturersModelName": series.tag("ManufacturerModelName"),
-             "InstitutionName": series.tag("InstitutionName"), "Units": series.tag("Units")}
-    seq = getattr(series.header, "RadiopharmaceuticalInformationSequence", None)
-    if seq:
-        extra["TracerName"] = str(getattr(seq[0], "Radiopharmaceutical", "") or "")
+             "InstitutionName": series.tag("InstitutionName"), "Units": series.tag("Units"),
+             "TracerName": series.radiopharmaceutical}
     out = dict(sidecar)
     for key, value in extra.items():
         if value and not out.get(key):

@@ -41,7 +41,8 @@ from pathlib import Path
 import nibabel as nib
 import pandas as pd
 from petmonai import CLASS_NAMES
-from petmonai.data.bids import LABEL_COLUMN, BidsLabels, is_bids, keeps_tracer, pet_files, read_sidecar, sidecar_site
+from petmonai.data.bids import (LABEL_COLUMN, BidsLabels, is_bids, keeps_tracer, pet_files, read_sidecar, scan_tracer,
+                                 sidecar_site)
 from petmonai.data.classes import check_classes, parse_label, run_classes
 from petmonai.errors import DataError, PetmonaiError
 from petmonai.runs import get_logger
@@ -51,11 +52,6 @@ log = get_logger("data")
 
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-
-
-CLASS_TO_LABEL = {name: i for i, name in enumerate(CLASS_NAMES)}  # the challenge's classes
-
-
 
 
 ADNI_SUBJECT = re.compile(r"^(\d{3})_S_(\d{4})$")
@@ -68,8 +64,6 @@ COLUMNS = [
 
 
 BIDS_COLUMNS = ["session", "tracer"]
-
-
 """Columns a BIDS datalist adds to :data:`COLUMNS` (the ``ses-`` and ``trc-`` entities, '' when absent)."""
 
 
@@ -345,7 +339,7 @@ def _scan_row(path: Path, entities: dict, labels: BidsLabels | None, sidecar: di
         "split": "test" if label is None else "train", "class_name": "" if label is None else classes[label],
         "label": -1 if label is None else label, "subject": subject, "subject_source": "bids",
         "site": found["site"] or sidecar_site(sidecar), "session": session or "",
-        "tracer": entities.get("trc") or str((sidecar or {}).get("TracerName") or ""),
+        "tracer": scan_tracer(entities, sidecar),
     }
 
 
@@ -363,7 +357,7 @@ def discover_bids(root: str | Path, skip_bad: bool = False, skipped: list | None
     rows, bad, no_sidecar, tracers = [], [], [], set()
     for path, entities in files:
         sidecar = read_sidecar(path)
-        tracers.add(entities.get("trc") or str((sidecar or {}).get("TracerName") or "") or "(none)")
+        tracers.add(scan_tracer(entities, sidecar) or "(none)")
         if not keeps_tracer(entities, sidecar, tracer):
             continue
         if sidecar is None:

@@ -11,7 +11,6 @@ import json
 import math
 from pathlib import Path
 from petmonai.config import pipeline_entries
-from petmonai.data import run_classes
 from petmonai.evaluation import METRIC_KEYS, METRIC_LABELS
 from petmonai.inference.predictor import LoadedRun, sha256_file
 
@@ -39,11 +38,11 @@ def model_card(run: LoadedRun, metadata: dict, check: dict) -> str:
     sections = [
         f"# {metadata['name']}\n\n{NOT_FOR_CLINICAL_USE}\n\n{metadata['description']}\n",
         _data_section(run),
-        _figures_section(metrics, reference, run_classes(run.cfg)[1]),
+        _figures_section(metrics, reference, run.classes[1]),
         _preprocessing_section(run),
         _ensemble_section(run, check),
         _limits_section(run),
-        _usage_section(run_classes(run.cfg)),
+        _usage_section(run.classes),
         _provenance_section(run, metadata),
     ]
     return "\n".join(sections)
@@ -57,8 +56,8 @@ def _data_section(run: LoadedRun) -> str:
         lines.append("**SYNTHETIC data**: a generated phantom cohort. The figures below show that the pipeline "
                      "runs, nothing about patients.\n")
     lines.append(f"Source: `{(run.cfg.get('data') or {}).get('root') or 'synthetic cohort'}`. "
-                 f"Classes: {', '.join(f'{i} = {c}' for i, c in enumerate(run_classes(run.cfg)))} "
-                 f"({run_classes(run.cfg)[1]} is the positive class).\n")
+                 f"Classes: {', '.join(f'{i} = {c}' for i, c in enumerate(run.classes))} "
+                 f"({run.classes[1]} is the positive class).\n")
     train = audit.get("train") or {}
     if train:
         per_class = "; ".join(f"{name}: {c.get('scans')} scans of {c.get('subjects')} subjects"
@@ -160,7 +159,7 @@ def _limits_section(run: LoadedRun) -> str:
     if confounded:
         lines.append("- **Site/class confound**: in the training data the acquisition site separates the classes "
                      "(see the audit above). The model may recognise the scanner instead of the disease; its "
-                     "probabilities on scans from other sites are not evidence of " + run_classes(run.cfg)[1] + ".")
+                     "probabilities on scans from other sites are not evidence of " + run.classes[1] + ".")
     lines += ["- Scans of subjects who were in the training data get optimistic probabilities.",
               "- The probabilities are not calibrated for other cohorts, and the bundle applies no decision "
               "threshold."]

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from petmonai import __version__
 from petmonai.config import pipeline_entries
-from petmonai.data import run_classes
 from petmonai.errors import PetmonaiError
 from petmonai.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, get_logger, staged_folder
 from petmonai.inference.bundle import ViewEnsemble
@@ -208,7 +207,7 @@ def inference_config(run: LoadedRun, template: str | None) -> dict:
             {"_target_": "CheckpointLoader", "load_path": "@ckpt_path", "load_dict": {"model": "@network"},
              "map_location": "@device"},
             {"_target_": "petmonai.inference.ProbabilityWriter", "output_dir": "@output_dir", "dataset": "@dataset",
-             "classes": list(run_classes(run.cfg))},
+             "classes": list(run.classes)},
         ],
         "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
                       "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
@@ -294,7 +293,7 @@ def bundle_metadata(run: LoadedRun, version: str, authors, copyright, input_rang
     metrics = read_json_or_empty(run.run_dir / "metrics.json")
     pooled = (metrics.get("pooled_ci") or {}).get("roc_auc") or {}
     synthetic = bool(run.run_provenance.get("synthetic_data", False))
-    classes = ", ".join(f"{i}: {c}" for i, c in enumerate(run_classes(run.cfg)))
+    classes = ", ".join(f"{i}: {c}" for i, c in enumerate(run.classes))
     return {
         "schema": SCHEMA_URL,
         "version": version,
@@ -330,7 +329,7 @@ def bundle_metadata(run: LoadedRun, version: str, authors, copyright, input_rang
         "references": [*(["Peng et al. 2021, Medical Image Analysis 68:101871 (SFCN)"]
                          if run.cfg["model"].get("name") == "sfcn_3d" else []),
                        "MONAI bundle specification: https://docs.monai.io/en/stable/mb_specification.html"],
-        "network_data_format": network_data_format(grid, input_range, run_classes(run.cfg)),
+        "network_data_format": network_data_format(grid, input_range, run.classes),
     }
 
 

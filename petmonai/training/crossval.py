@@ -255,7 +255,7 @@ def _held_out_predictions(cfg: dict, cache: VolumeCache, net: torch.nn.Module, i
     fmt = memory_format(device, tcfg, spatial_dims(net))
     held_out_views = test_view_scorer(cfg, device)
     evaluate = build_evaluation(cfg)
-    preds = []
+    preds, column = [], prob_column(run_classes(cfg))
     for role in ("test", "val"):
         if not ids[role]:
             continue
@@ -269,7 +269,7 @@ def _held_out_predictions(cfg: dict, cache: VolumeCache, net: torch.nn.Module, i
         if dist.world_size() > 1:
             probs = np.asarray(dist.gather_sharded(probs.tolist()), dtype=np.float64)
         preds.append(pd.DataFrame({"repeat": where[0], "fold": where[1], "role": role, "scan_id": ids[role],
-                                   prob_column(run_classes(cfg)): probs}))
+                                   column: probs}))
     return pd.concat(preds, ignore_index=True)
 
 
@@ -375,7 +375,7 @@ def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path,
 
     ``resume=True`` continues a run folder: its own folds, finished folds read back, an
     unfinished fold continued from its resumable checkpoint."""
-    run_dir = Path(run_dir)
+    run_dir, classes = Path(run_dir), run_classes(cfg)
     train = train_rows(datalist)
     preprocess, augment = build_pipelines(cfg)
     cache = build_cache(cfg, train, preprocess)  # every rank holds the whole cache
@@ -386,7 +386,7 @@ def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path,
         train = train[train["scan_id"].isin(cache.scan_ids)].reset_index(drop=True)
 
     if dist.is_main() and not resume:
-        preprocessed_check(cache, train, run_dir, preprocess, run_classes(cfg))
+        preprocessed_check(cache, train, run_dir, preprocess, classes)
 
     cv = cfg["cv"]
 
@@ -426,7 +426,7 @@ def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path,
     preds = pd.concat(predictions, ignore_index=True)
     n_boot, threshold = int(cfg["report"]["bootstrap"]), cfg["train"]["threshold"]
     metrics = summarise(preds, train, protocol, threshold, fold_info, n_boot=n_boot, seed=int(cfg["seed"]),
-                        classes=run_classes(cfg))
+                        classes=classes)
     scorer = test_view_scorer(cfg, device)
     metrics["test_views"] = ({"mode": "inference", **scorer.describe(cache[cache.scan_ids[0]]["image"].shape)}
                              if scorer is not None else {"mode": "evaluator"})
