@@ -241,14 +241,15 @@ def header_modules(cfg: dict) -> tuple[str, ...]:
     return tuple(value)
 
 
-def check_config(cfg: dict, source, own: bool = False, policy: TrustPolicy | None = None) -> None:
+def check_config(cfg: dict, source, own: bool = False) -> None:
     """Refuse (one :class:`ConfigError` naming every entry, at most 5 shown) a config that would run
     anything outside what is allowed; ``source`` names the file in the message.
 
     ``own``: the user's own ``--config``, whose ``allow_modules:`` list counts as the user's word;
-    a config from a run folder (``own=False``) needs ``--allow-module`` for those modules too.
+    a config from a run folder (``own=False``) needs ``--allow-module`` for those modules too. The
+    policy is the one in force (:func:`trust_policy`).
     """
-    policy = policy or current_policy()
+    policy = current_policy()
     if policy.trust_config:
         return
     header = header_modules(cfg)

@@ -5,7 +5,6 @@
 """
 
 from __future__ import annotations
-import json
 import os
 from pathlib import Path
 
@@ -98,7 +97,7 @@ def bench(config=None, data_root=None, device: str = "auto", epochs: int = 3, ou
     from petmonai.config import default_config_path, load_config
     from petmonai.data import discover
     from petmonai.device import resolve_device
-    from petmonai.runs import atomic_write_text, setup_logging
+    from petmonai.runs import atomic_write_json, atomic_write_text, setup_logging
     from petmonai.studies import benchmark_training
 
     setup_logging(None)
@@ -115,5 +114,5 @@ def bench(config=None, data_root=None, device: str = "auto", epochs: int = 3, ou
     output = Path(output)
     text = render(results, command)
     atomic_write_text(output, text)
-    atomic_write_text(output.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
+    atomic_write_json(output.with_suffix(".json"), results)
     return text

@@ -178,8 +178,8 @@ def oof_auc(run_dir: Path, threads, log) -> dict:
     for source in ("whole", "center", "grid"):
         opts = {"windows": source, "flips": "all", "threads": threads}
         table = predict_out_of_fold(run_dir, opts, progress=False)
-        labels = load_run(run_dir, opts, with_models=False).strategy.labels([1, *load_run(
-            run_dir, opts, with_models=False).cfg["spatial_size"]])
+        run = load_run(run_dir, opts, with_models=False)
+        labels = run.strategy.labels([1, *run.cfg["spatial_size"]])
         per[source] = (table, labels)
         log(f"out-of-fold views ({source}) in {time.perf_counter() - t0:.0f}s")
     base = per["center"][0][["repeat", "fold", "scan_id", "subject", "label"]]

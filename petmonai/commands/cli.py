@@ -55,9 +55,9 @@ def main_parser() -> argparse.ArgumentParser:
 @user_errors
 def main(argv=None) -> int:
     """``petmonai <command> [options]``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = main_parser().parse_args([str(a) for a in argv])
-    return _run(args.command, args, "petmonai", [str(a) for a in argv])
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    args = main_parser().parse_args(argv)
+    return _run(args.command, args, "petmonai", argv)
 
 
 def command_main(name: str, prog: str):

@@ -8,7 +8,7 @@ from petmonai.commands.registry import command
 
 
 def audit_options(parser) -> None:
-    options.add_data_root(parser, required=True, help="competition-layout folder or CSV datalist")
+    options.add_data_root(parser, required=True)
     options.add_output_dir(parser, help="where audit.md and audit.json go (default: print only)")
     options.add_skip_bad(parser, help="list unreadable files instead of stopping")
     options.add_config(parser, help="also preprocess the training scans as this config does and check that no "
@@ -26,7 +26,7 @@ def audit_command(args) -> None:
 
 
 def export_options(parser) -> None:
-    options.add_data_root(parser, required=True, help="competition-layout folder or CSV datalist")
+    options.add_data_root(parser, required=True)
     options.add_output_dir(parser, required=True, help="exported volumes (Train/<class>/, Test/), datalist.csv, "
                                                        "train3d.yaml and exported.csv")
     options.add_config(parser)

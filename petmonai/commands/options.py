@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 
-DATA_ROOT_HELP = ("competition-layout folder (Train/NC, Train/MCI, Test) or CSV datalist "
-                  "(image,label[,subject,site])")
+DATA_ROOT_HELP = ("competition-layout folder (Train/<class>/, Test/), CSV datalist (image,label[,subject,site]) "
+                  "or BIDS dataset")
 
 
 def add_config(parser, default=None, help="YAML config: a file or a shipped name such as train3d or "

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
-from monai.transforms import Compose, apply_transform
+from monai.transforms import Compose
 from petmonai.errors import ConfigError, DataError
 
 
@@ -82,22 +82,22 @@ def describe_step(index: int, name: str, value, seconds: float) -> PipelineStep:
 
 def preview_pipeline(pipeline, image: str | Path, key: str = "image") -> list[PipelineStep]:
     """Run ``pipeline`` (a MONAI Compose or a list of dictionary transforms) on ``{key: image}`` one
-    transform at a time; the volume after every step. A step that fails is a
+    transform at a time (``compose(data, start=i, end=i + 1)``); the volume after every step. A step that fails is a
     :class:`petmonai.errors.DataError` naming the file, the step and the problem."""
     from petmonai.data import describe_failure
 
     image = Path(image)
     if not image.is_file():
         raise DataError(image, "not found (show-pipeline --image needs one volume file)")
-    transforms = pipeline.transforms if isinstance(pipeline, Compose) else list(pipeline)
-    if not transforms:
+    pipeline = pipeline if isinstance(pipeline, Compose) else Compose(list(pipeline))
+    if not pipeline.transforms:
         raise ConfigError("the preprocess list is empty: nothing to show")
     data, steps = {key: str(image)}, []
-    for index, transform in enumerate(transforms, start=1):
+    for index, transform in enumerate(pipeline.transforms, start=1):
         name = type(transform).__name__
         t0 = time.perf_counter()
-        try:
-            data = apply_transform(transform, data)
+        try:  # one step, by the Compose's own machinery (as petmonai.inference.predictor.apply_tracking_affine)
+            data = pipeline(data, start=index - 1, end=index)
         except Exception as err:  # MONAI wraps the transform's own error: report its innermost message
             raise DataError(image, f"step {index} ({name}) failed: {describe_failure(err)}") from None
         seconds = time.perf_counter() - t0
