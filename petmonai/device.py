@@ -1,7 +1,9 @@
 """Which torch device a command runs on."""
 
 from __future__ import annotations
+
 import torch
+
 from petmonai.errors import PetmonaiError
 
 

@@ -7,8 +7,8 @@ half-written file behind.
 
 from __future__ import annotations
 
-import hashlib
 import contextlib
+import hashlib
 import json
 import logging
 import os

@@ -40,17 +40,19 @@ are named by subject and session (the Test uuid check of the challenge's submiss
 """
 
 from __future__ import annotations
+
 import json
 import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
+
 from petmonai import CLASS_NAMES
 from petmonai.errors import PetmonaiError
-
 
 AUDIT_VERSION = 1
 

@@ -1,10 +1,12 @@
 """Properties of the preprocessed volumes, and whether any of them separates the classes."""
 
 from __future__ import annotations
+
 import numpy as np
-import torch
-from petmonai.transforms import brain_mask
 import pandas as pd
+import torch
+
+from petmonai.transforms import brain_mask
 
 
 def volume_properties(volume: torch.Tensor) -> dict:

@@ -1,10 +1,18 @@
 """How well scans registered: correlations with the template and the registration montage."""
 
 from __future__ import annotations
+
 from pathlib import Path
+
 import numpy as np
-from petmonai.transforms import RegisterToTemplate, RegisterToTemplated, correlation, on_grid
-from petmonai.transforms import FWHM_PER_SIGMA
+
+from petmonai.transforms import (
+    FWHM_PER_SIGMA,
+    RegisterToTemplate,
+    RegisterToTemplated,
+    correlation,
+    on_grid,
+)
 
 
 def find_registration(preprocess) -> RegisterToTemplate | None:

@@ -13,6 +13,7 @@ Writes docs/benchmarks_inference.md (and a JSON of the raw numbers next to it).
 """
 
 from __future__ import annotations
+
 import json
 import os
 import subprocess
@@ -20,8 +21,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
+
 import petmonai
 
 # the checkout (or installation) this module runs from: the measured command runs the same code
@@ -100,7 +103,14 @@ def full_run(run_dir: Path, inputs: Path, out_dir: Path, windows: str, flips: st
 
 def factor_costs(run_dir: Path, inputs: Path, n_volumes: int, threads, log) -> list[dict]:
     """Per-volume seconds of each configuration, in process, preprocessing timed apart."""
-    from petmonai.inference import collect_inputs, load_models, load_run, predict_views, prepare_all, torch_threads
+    from petmonai.inference import (
+        collect_inputs,
+        load_models,
+        load_run,
+        predict_views,
+        prepare_all,
+        torch_threads,
+    )
 
     files = collect_inputs([inputs])[:n_volumes]
     rows = []

@@ -6,6 +6,7 @@
 """
 
 from __future__ import annotations
+
 from pathlib import Path
 
 from petmonai.commands import options

@@ -10,12 +10,13 @@ A new command: a module with an options function and a ``@command``-decorated ru
 """
 
 from __future__ import annotations
+
 import argparse
 import importlib
 import sys
+
 from petmonai.commands.registry import COMMANDS, build_parser, user_errors
 from petmonai.trust import policy_from_args
-
 
 # the modules whose @command functions make up `petmonai`; listed in `petmonai --help` in this order
 COMMAND_MODULES = (

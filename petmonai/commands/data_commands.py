@@ -2,7 +2,9 @@
 ``show-pipeline``."""
 
 from __future__ import annotations
+
 from pathlib import Path
+
 from petmonai.commands import options
 from petmonai.commands.registry import command
 

@@ -12,18 +12,24 @@ The volumes are derived from patient data: keep them with the data, never in a r
 """
 
 from __future__ import annotations
+
 import gzip
 from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
 from monai.transforms import Compose
-from petmonai.config import build_component, dump_yaml
-from petmonai.data import data_options, discover
-from petmonai.data import describe_failure
-from petmonai.errors import DataError, PetmonaiError
-from petmonai.runs import atomic_write_bytes, atomic_write_csv, atomic_write_text, get_logger
 
+from petmonai.config import build_component, dump_yaml
+from petmonai.data import data_options, describe_failure, discover
+from petmonai.errors import DataError, PetmonaiError
+from petmonai.runs import (
+    atomic_write_bytes,
+    atomic_write_csv,
+    atomic_write_text,
+    get_logger,
+)
 
 EXPORTED_CONFIG = "train3d.yaml"
 

@@ -6,8 +6,8 @@ A command adds the groups it takes; only its help texts and defaults differ.
 """
 
 from __future__ import annotations
-from pathlib import Path
 
+from pathlib import Path
 
 DATA_ROOT_HELP = ("competition-layout folder (Train/<class>/, Test/), CSV datalist (image,label[,subject,site]) "
                   "or BIDS dataset")

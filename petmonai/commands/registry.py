@@ -14,11 +14,13 @@ Adding one takes a few lines in a module of :data:`petmonai.commands.cli.COMMAND
 """
 
 from __future__ import annotations
+
 import argparse
 import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+
 from petmonai.errors import PetmonaiError
 from petmonai.trust import add_trust_options
 

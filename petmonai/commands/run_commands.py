@@ -1,7 +1,9 @@
 """Commands on training runs: ``petmonai train``, ``predict``, ``report``, ``anchor-folds``."""
 
 from __future__ import annotations
+
 from pathlib import Path
+
 from petmonai.commands import options
 from petmonai.commands.registry import command
 

@@ -1,8 +1,10 @@
 """Studies and benchmarks: ``petmonai compare``, ``experiments``, ``bench``, ``bench-predict``."""
 
 from __future__ import annotations
+
 import time
 from pathlib import Path
+
 from petmonai.commands import options
 from petmonai.commands.registry import command
 

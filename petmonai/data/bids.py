@@ -49,7 +49,12 @@ import pandas as pd
 
 from petmonai.data.classes import parse_label
 from petmonai.errors import DataError, PetmonaiError
-from petmonai.runs import atomic_write_json, atomic_write_text, get_logger, staged_folder
+from petmonai.runs import (
+    atomic_write_json,
+    atomic_write_text,
+    get_logger,
+    staged_folder,
+)
 
 log = get_logger("data")
 

@@ -33,14 +33,16 @@ listed in ``cache.skipped`` instead:
 """
 
 from __future__ import annotations
+
 import gzip
 import zlib
 from collections.abc import Sequence
+
 from monai.data import CacheDataset, Dataset, get_track_meta, set_track_meta
 from monai.transforms import Compose
+
 from petmonai.errors import DataError, PetmonaiError
 from petmonai.runs import get_logger
-
 
 log = get_logger("data")
 

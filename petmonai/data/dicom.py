@@ -43,7 +43,12 @@ import pandas as pd
 
 from petmonai.data.bids import BIDS_VERSION, bids_label, sidecar_path
 from petmonai.errors import DataError, PetmonaiError
-from petmonai.runs import atomic_write_json, atomic_write_text, get_logger, staged_folder
+from petmonai.runs import (
+    atomic_write_json,
+    atomic_write_text,
+    get_logger,
+    staged_folder,
+)
 
 log = get_logger("dicom")
 

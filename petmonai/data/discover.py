@@ -33,20 +33,30 @@ Only headers are read here; voxels are decoded later, once, by the cached prepro
 """
 
 from __future__ import annotations
+
 import gzip
 import hashlib
 import re
 import zlib
 from pathlib import Path
+
 import nibabel as nib
 import pandas as pd
+
 from petmonai import CLASS_NAMES
-from petmonai.data.bids import (LABEL_COLUMN, BidsLabels, is_bids, keeps_tracer, pet_files, read_sidecar, scan_tracer,
-                                 sidecar_site)
+from petmonai.data.bids import (
+    LABEL_COLUMN,
+    BidsLabels,
+    is_bids,
+    keeps_tracer,
+    pet_files,
+    read_sidecar,
+    scan_tracer,
+    sidecar_site,
+)
 from petmonai.data.classes import check_classes, parse_label, run_classes
 from petmonai.errors import DataError, PetmonaiError
 from petmonai.runs import get_logger
-
 
 log = get_logger("data")
 

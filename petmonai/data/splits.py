@@ -31,13 +31,15 @@ Protocols
 """
 
 from __future__ import annotations
+
 import itertools
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-from petmonai.errors import PetmonaiError
 
+from petmonai.errors import PetmonaiError
 
 PROTOCOLS = ("subject", "site-pair", "scan")
 

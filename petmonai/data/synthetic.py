@@ -43,6 +43,7 @@ new Test subjects then come from Test-only sites with class-independent protocol
 """
 
 from __future__ import annotations
+
 import csv
 import hashlib
 import inspect
@@ -53,11 +54,12 @@ import tempfile
 import uuid as _uuid
 from dataclasses import dataclass
 from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
-from petmonai.errors import PetmonaiError
 
+from petmonai.errors import PetmonaiError
 
 VERSION = "phantom-v2"
 

@@ -24,14 +24,21 @@ subjects set aside) by :func:`tune_threshold`, then applied to the fold's ``test
 """
 
 from __future__ import annotations
+
 import math
+
 import numpy as np
 import pandas as pd
-from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score, roc_auc_score
+from sklearn.metrics import (
+    balanced_accuracy_score,
+    f1_score,
+    recall_score,
+    roc_auc_score,
+)
+
 from petmonai import CLASS_NAMES
 from petmonai.data import class_key, count_key, prob_column
 from petmonai.errors import ConfigError, PetmonaiError
-
 
 METRIC_KEYS = ("roc_auc", "balanced_accuracy", "sensitivity", "specificity", "f1", "macro_f1")
 

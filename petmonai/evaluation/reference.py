@@ -34,14 +34,16 @@ Model: ``StandardScaler -> PCA(n_components) -> LogisticRegression(C)`` (scikit-
 """
 
 from __future__ import annotations
+
 import time
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
+
 from petmonai.errors import ConfigError, PetmonaiError
 from petmonai.evaluation.metrics import evaluate_cv, parse_threshold, scored_predictions
 from petmonai.runs import atomic_write_csv, atomic_write_json, get_logger
-
 
 log = get_logger("reference")
 
@@ -87,8 +89,15 @@ def reference_settings(cfg: dict | None = None, **overrides) -> dict:
 def resample_transforms(spacing, grid):
     """MONAI pipeline of the plain resample: load, RAS, ``spacing`` mm, centre pad/crop to ``grid``."""
     import torch
-    from monai.transforms import (Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged, Orientationd,
-                                  ResizeWithPadOrCropd, Spacingd)
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        EnsureTyped,
+        LoadImaged,
+        Orientationd,
+        ResizeWithPadOrCropd,
+        Spacingd,
+    )
 
     from petmonai.transforms import CheckVolumed
 
@@ -188,7 +197,13 @@ def run_reference_cv(cfg: dict, datalist: pd.DataFrame, folds: pd.DataFrame, out
     table (:mod:`petmonai.data.splits`). ``features`` (optional): precomputed :func:`reference_features`.
     Returns ``{"metrics", "predictions" (scored test rows), "val_predictions", "settings"}``.
     """
-    from petmonai.data import LEAKY_PROTOCOLS, fold_ids, fold_members, prob_column, run_classes
+    from petmonai.data import (
+        LEAKY_PROTOCOLS,
+        fold_ids,
+        fold_members,
+        prob_column,
+        run_classes,
+    )
 
     settings = settings or reference_settings(cfg)
     protocol = protocol or str(folds.attrs.get("protocol", cfg["cv"]["protocol"]))

@@ -17,18 +17,31 @@ by side with 95% confidence intervals that resample subjects.
 """
 
 from __future__ import annotations
+
 import json
 import math
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
+
 from petmonai.config import read_yaml
 from petmonai.data import class_key, count_key, prob_column, run_classes
 from petmonai.errors import PetmonaiError
-from petmonai.evaluation.metrics import METRIC_KEYS, calibration_bins, evaluate_cv, metric_labels
-from petmonai.runs import atomic_write_text, check_run_folder, get_logger, read_run_config
-from petmonai.runs import _new_figure, save_figure
-
+from petmonai.evaluation.metrics import (
+    METRIC_KEYS,
+    calibration_bins,
+    evaluate_cv,
+    metric_labels,
+)
+from petmonai.runs import (
+    _new_figure,
+    atomic_write_text,
+    check_run_folder,
+    get_logger,
+    read_run_config,
+    save_figure,
+)
 
 log = get_logger("report")
 
@@ -727,9 +740,8 @@ def add_reference(run_dir: str | Path, data_root: str | Path | None = None, over
     The run's ``config.yaml``, ``datalist.csv`` and ``folds.csv`` are used; the image paths in the
     datalist must still exist (or give ``data_root`` to rediscover them). ``overrides``: config
     assignments for this fit, e.g. ``["reference.features=regions"]`` (region-level features)."""
-    from petmonai.data import data_options, discover, train_rows
+    from petmonai.data import data_options, discover, load_folds, train_rows
     from petmonai.evaluation.reference import run_reference_cv
-    from petmonai.data import load_folds
 
     run_dir = Path(run_dir)
     for needed in ("config.yaml", "folds.csv"):

@@ -32,10 +32,9 @@ import torch
 from petmonai import CLASS_NAMES
 from petmonai.data import is_nifti, nifti_stem
 from petmonai.errors import ConfigError, DataError, PetmonaiError
-from petmonai.runs import atomic_write_csv, get_logger
 from petmonai.inference.predictor import preprocess_path, screen_all
-
 from petmonai.inference.views import SlidingWindowFlips3D
+from petmonai.runs import atomic_write_csv, get_logger
 
 PROBABILITIES = "probabilities.csv"   # in the bundle run's output_dir (predict names its side files after --output)
 SKIPPED = "skipped.csv"

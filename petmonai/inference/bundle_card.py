@@ -7,13 +7,14 @@ said to be missing, never made up.
 """
 
 from __future__ import annotations
+
 import json
 import math
 from pathlib import Path
+
 from petmonai.config import pipeline_entries
 from petmonai.evaluation import METRIC_KEYS, METRIC_LABELS
 from petmonai.inference.predictor import LoadedRun, sha256_file
-
 
 NOT_FOR_CLINICAL_USE = ("**Not for clinical use.** A research model: not a medical device, not validated for "
                         "diagnosis or screening, and not to be used to make decisions about patients.")

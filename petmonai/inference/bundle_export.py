@@ -23,6 +23,7 @@ ConfigParser, from the written config) is checked against ``predict``'s on a vol
 """
 
 from __future__ import annotations
+
 import copy
 import importlib.metadata
 import io
@@ -30,18 +31,35 @@ import json
 import re
 import time
 from pathlib import Path
+
 import numpy as np
 import torch
+
 from petmonai import __version__
 from petmonai.config import pipeline_entries
 from petmonai.errors import PetmonaiError
-from petmonai.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, get_logger, staged_folder
 from petmonai.inference.bundle import ViewEnsemble
-from petmonai.inference.bundle_card import bundle_license, model_card, read_json_or_empty
-from petmonai.inference.predictor import (POSITIVE_INDEX, LoadedRun, load_models, load_run, predict_views,
-                                          preprocess_path)
+from petmonai.inference.bundle_card import (
+    bundle_license,
+    model_card,
+    read_json_or_empty,
+)
+from petmonai.inference.predictor import (
+    POSITIVE_INDEX,
+    LoadedRun,
+    load_models,
+    load_run,
+    predict_views,
+    preprocess_path,
+)
 from petmonai.inference.views import SlidingWindowFlips3D
-
+from petmonai.runs import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    get_logger,
+    staged_folder,
+)
 
 log = get_logger("bundle")
 

@@ -28,6 +28,7 @@ config's ``inference:`` section, then the command line (``--set inference.overla
 """
 
 from __future__ import annotations
+
 import contextlib
 import copy
 import difflib
@@ -40,19 +41,40 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
 from monai.data import MetaTensor
-from petmonai import CLASS_NAMES
-from petmonai.data import data_options, discover_bids, is_bids, is_nifti, nifti_stem, parse_pet_name, prob_column, \
-    read_header, run_classes
-from petmonai.errors import ConfigError, DataError, PetmonaiError
-from petmonai.models import model_facts
-from petmonai.runs import atomic_write_csv, atomic_write_json, atomic_write_text, get_logger, read_run_config, \
-    sha256_file
-from petmonai.inference.views import VIEW_STRATEGIES, SlidingWindowFlips3D, ViewStrategy, default_views
 
+from petmonai import CLASS_NAMES
+from petmonai.data import (
+    data_options,
+    discover_bids,
+    is_bids,
+    is_nifti,
+    nifti_stem,
+    parse_pet_name,
+    prob_column,
+    read_header,
+    run_classes,
+)
+from petmonai.errors import ConfigError, DataError, PetmonaiError
+from petmonai.inference.views import (
+    VIEW_STRATEGIES,
+    SlidingWindowFlips3D,
+    ViewStrategy,
+    default_views,
+)
+from petmonai.models import model_facts
+from petmonai.runs import (
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_text,
+    get_logger,
+    read_run_config,
+    sha256_file,
+)
 
 log = get_logger("predict")
 
@@ -199,8 +221,7 @@ class LoadedRun:
 
 def fold_checkpoints(run_dir: Path, folds: str | Sequence[int] = "all") -> list[tuple[int, int, Path]]:
     """``(repeat, fold, path)`` of every fold's best checkpoint listed by the run's ``folds.csv``."""
-    from petmonai.runs import fold_dir_name
-    from petmonai.runs import BEST_CHECKPOINT
+    from petmonai.runs import BEST_CHECKPOINT, fold_dir_name
 
     folds_csv = run_dir / "folds.csv"
     if not folds_csv.is_file():
@@ -344,8 +365,7 @@ def load_run(run_dir: str | Path, overrides: dict | None = None, with_models: bo
 
 def load_models(run: LoadedRun) -> LoadedRun:
     """Build the run's network once per fold checkpoint, load its weights, and optimise it for inference."""
-    from petmonai.models import load_weights
-    from petmonai.models import build_model
+    from petmonai.models import build_model, load_weights
 
     if run.models:
         return run

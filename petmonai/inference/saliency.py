@@ -22,22 +22,24 @@ PET's robust maximum) and scaled to a maximum of 1 there.
 """
 
 from __future__ import annotations
+
 import copy
 import gzip
 import io
 from collections.abc import Sequence
 from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
 from scipy.ndimage import map_coordinates
+
 from petmonai import CLASS_NAMES
 from petmonai.data import prob_column
 from petmonai.errors import PetmonaiError
 from petmonai.models import saliency_layer
 from petmonai.runs import atomic_write_bytes, get_logger
-
 
 log = get_logger("saliency")
 

@@ -13,14 +13,16 @@ torch.Size([16, 1, 28, 36, 28])
 """
 
 from __future__ import annotations
+
 import itertools
 import math
 from collections.abc import Sequence
+
 import numpy as np
 import torch
+
 from petmonai.errors import ConfigError
 from petmonai.runs import get_logger
-
 
 log = get_logger("predict")
 

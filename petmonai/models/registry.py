@@ -15,11 +15,14 @@ error names the ``inference`` key to set.
 """
 
 from __future__ import annotations
+
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+
 import torch
 from monai.networks.nets import resnet18
+
 from petmonai.errors import ConfigError
 
 

@@ -7,18 +7,26 @@
 """
 
 from __future__ import annotations
+
 import platform
 import resource
 import statistics
 import time
+
 import torch
 from ignite.engine import Events
+
 from petmonai.config import default_config
-from petmonai.training import build_cache, training_loader
 from petmonai.data import train_rows
-from petmonai.training import build_engines, build_optimizer, configure_backends
 from petmonai.models import build_model
 from petmonai.runs import versions
+from petmonai.training import (
+    build_cache,
+    build_engines,
+    build_optimizer,
+    configure_backends,
+    training_loader,
+)
 from petmonai.transforms import build_pipelines
 
 

@@ -19,15 +19,25 @@ though one it has fitted.
 """
 
 from __future__ import annotations
+
 import zlib
 from pathlib import Path
 from typing import Sequence
+
 import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
-from petmonai.training import training_roles
-from petmonai.inference import LoadedRun, collect_inputs, load_run, model_view_probabilities, predict_out_of_fold, prepare_all, torch_threads
 
+from petmonai.inference import (
+    LoadedRun,
+    collect_inputs,
+    load_run,
+    model_view_probabilities,
+    predict_out_of_fold,
+    prepare_all,
+    torch_threads,
+)
+from petmonai.training import training_roles
 
 SCORES = ("probability", "centred", "z")
 

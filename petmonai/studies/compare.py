@@ -11,13 +11,16 @@ differently, plus the paired 3D - 2D AUC difference with a subject bootstrap.
 """
 
 from __future__ import annotations
+
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
+
 from petmonai import CLASS_NAMES
 from petmonai.config import default_config_path
 from petmonai.data import prob_column
@@ -25,7 +28,6 @@ from petmonai.errors import PetmonaiError
 from petmonai.evaluation import paired_auc_difference
 from petmonai.evaluation.report import _ci
 from petmonai.runs import atomic_write_json, atomic_write_text, get_logger
-
 
 log = get_logger("compare")
 
@@ -242,8 +244,8 @@ def plot_comparison(results: dict, path: Path) -> Path:
     """Pooled out-of-fold ROC curves of every model, one panel per protocol."""
     from sklearn.metrics import roc_curve
 
-    from petmonai.runs import _new_figure, save_figure
     from petmonai.evaluation import colour
+    from petmonai.runs import _new_figure, save_figure
 
     fig, axes = _new_figure(4.6 * len(results), 4.4, ncols=len(results))
     axes = axes.ravel()

@@ -9,13 +9,14 @@ configuration. ``experiments.md`` / ``experiments.json`` are read from the run f
 """
 
 from __future__ import annotations
+
 import json
 import shlex
 import sys
 from pathlib import Path
-from petmonai.studies.compare import train_run
-from petmonai.runs import atomic_write_json, atomic_write_text, get_logger
 
+from petmonai.runs import atomic_write_json, atomic_write_text, get_logger
+from petmonai.studies.compare import train_run
 
 log = get_logger("experiments")
 

@@ -14,31 +14,64 @@ and rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
+
 import gc
 import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
 from monai.data import DataLoader, DistributedSampler, ThreadDataLoader
-from torch.utils.data import RandomSampler
 from monai.utils import set_determinism
-import petmonai.training.distributed as dist
-from petmonai.data import prob_column, run_classes, to_items, train_rows
-from petmonai.data import UntrackedDataset, VolumeCache
-from petmonai.runs import BEST_CHECKPOINT
-from petmonai.models import load_weights
-from petmonai.training.engine import TrainingState, build_engines, configure_backends, cuda_auto_switch, memory_format, predict_probabilities
-from petmonai.evaluation import evaluate_cv, scored_predictions
-from petmonai.models import build_model, count_parameters, model_label, spatial_dims
-from petmonai.runs import FILE_ONLY, atomic_write_csv, atomic_write_json, get_logger
-from petmonai.data import LEAKY_PROTOCOLS, fold_ids, fold_members, load_folds, make_folds
-from petmonai.transforms import build_evaluation, build_pipelines
-from petmonai.runs import FOLD_PREDICTIONS, FOLD_RESULT, RESUME_CHECKPOINT, fold_dir_name, record_checkpoint_hash
-from petmonai.training.tracking import attach_fold
+from torch.utils.data import RandomSampler
 
+import petmonai.training.distributed as dist
+from petmonai.data import (
+    LEAKY_PROTOCOLS,
+    UntrackedDataset,
+    VolumeCache,
+    fold_ids,
+    fold_members,
+    load_folds,
+    make_folds,
+    prob_column,
+    run_classes,
+    to_items,
+    train_rows,
+)
+from petmonai.evaluation import evaluate_cv, scored_predictions
+from petmonai.models import (
+    build_model,
+    count_parameters,
+    load_weights,
+    model_label,
+    spatial_dims,
+)
+from petmonai.runs import (
+    BEST_CHECKPOINT,
+    FILE_ONLY,
+    FOLD_PREDICTIONS,
+    FOLD_RESULT,
+    RESUME_CHECKPOINT,
+    atomic_write_csv,
+    atomic_write_json,
+    fold_dir_name,
+    get_logger,
+    record_checkpoint_hash,
+)
+from petmonai.training.engine import (
+    TrainingState,
+    build_engines,
+    configure_backends,
+    cuda_auto_switch,
+    memory_format,
+    predict_probabilities,
+)
+from petmonai.training.tracking import attach_fold
+from petmonai.transforms import build_evaluation, build_pipelines
 
 log = get_logger("cv")
 
@@ -335,8 +368,13 @@ def preprocessed_check(cache: VolumeCache, train: pd.DataFrame, run_dir: Path, p
     ``preprocessed_check.json`` and warns loudly when one does (the audit did the same for the
     headers before preprocessing). A ``preprocess`` that registers to the template also gets each
     scan's correlation with the template checked and ``registration.png`` (QC montage) written."""
-    from petmonai.audit import preprocessed_separability, volume_properties
-    from petmonai.audit import find_registration, registration_montage, template_correlations
+    from petmonai.audit import (
+        find_registration,
+        preprocessed_separability,
+        registration_montage,
+        template_correlations,
+        volume_properties,
+    )
 
     rows = []
     for sid in cache.scan_ids:

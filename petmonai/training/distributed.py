@@ -24,14 +24,16 @@ In a single process every function here is a no-op or the identity.
 """
 
 from __future__ import annotations
+
 import hashlib
 import json
 import math
 import os
 from pathlib import Path
-import torch
-from petmonai.errors import PetmonaiError
 
+import torch
+
+from petmonai.errors import PetmonaiError
 
 #: per-rank offset of the augmentation seed, so ranks draw different random transforms
 RANK_SEED_STRIDE = 10_000

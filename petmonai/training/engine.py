@@ -14,12 +14,14 @@ runs on CPU. Under torchrun (:mod:`petmonai.training.distributed`) the trainer's
 """
 
 from __future__ import annotations
+
 import functools
 import inspect
 import logging
 import sys
 import time
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
@@ -30,21 +32,21 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import default_prepare_batch
 from monai.engines.workflow import Workflow
 from monai.handlers import (
+    ROCAUC,
     CheckpointSaver,
     EarlyStopHandler,
     LrScheduleHandler,
-    ROCAUC,
     StatsHandler,
     TensorBoardStatsHandler,
     ValidationHandler,
     stopping_fn_from_metric,
 )
 from monai.inferers import SimpleInferer
+
 import petmonai.training.distributed as dist
 from petmonai.errors import ConfigError, PetmonaiError
 from petmonai.models import spatial_dims
-from petmonai.runs import LOGGER_NAME, atomic_write_csv
-from petmonai.runs import BEST_CHECKPOINT
+from petmonai.runs import BEST_CHECKPOINT, LOGGER_NAME, atomic_write_csv
 
 
 def amp_settings(device: torch.device, enabled: bool = True) -> tuple[bool, dict]:

@@ -20,15 +20,16 @@ unfinished MLflow run (MONAI's handler picks the open run of the same name).
 """
 
 from __future__ import annotations
+
 import contextlib
 import math
 import os
 import time
 from pathlib import Path
+
+import petmonai.training.distributed as dist
 from petmonai.errors import ConfigError
 from petmonai.runs import fold_dir_name, get_logger
-import petmonai.training.distributed as dist
-
 
 log = get_logger("tracking")
 

@@ -1,6 +1,7 @@
 """Fast random augmentation: MONAI's RandSpatialCropd / RandFlipd with the same draws, by plain slicing."""
 
 from __future__ import annotations
+
 import torch
 from monai.data import MetaTensor
 from monai.transforms import RandFlipd, RandSpatialCropd

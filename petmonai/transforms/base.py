@@ -11,12 +11,13 @@ import logging
 import math
 import warnings
 from collections.abc import Hashable, Mapping
-import torch
+
 import numpy as np
+import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
-from petmonai.errors import DataError
 
+from petmonai.errors import DataError
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.3548
 

@@ -16,16 +16,21 @@ property of the volumes (shape, voxel size, intensity range, background) still s
 """
 
 from __future__ import annotations
+
 import math
 from collections.abc import Sequence
+
 import torch
 from monai.config import KeysCollection
 from monai.transforms import GaussianSmooth, MapTransform, Transform
+
 from petmonai.errors import DataError
-from petmonai.transforms.base import brain_mask, largest_component, source_file
-from petmonai.transforms.base import FWHM_PER_SIGMA
-
-
+from petmonai.transforms.base import (
+    FWHM_PER_SIGMA,
+    brain_mask,
+    largest_component,
+    source_file,
+)
 
 
 def voxel_size(img) -> list[float]:

@@ -1,9 +1,11 @@
 """Intensity normalisation transforms (array + dictionary twins)."""
 
 from __future__ import annotations
+
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
+
 from petmonai.errors import DataError
 from petmonai.transforms.base import brain_mask, source_file
 

@@ -2,7 +2,9 @@
 :func:`petmonai.config.pipeline_entries`, built in order)."""
 
 from __future__ import annotations
+
 from monai.transforms import Compose
+
 from petmonai.errors import ConfigError
 
 

@@ -13,14 +13,16 @@ Times are wall-clock seconds of this run: a step with a disk cache of its own (t
 """
 
 from __future__ import annotations
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
 from monai.transforms import Compose
-from petmonai.errors import ConfigError, DataError
 
+from petmonai.errors import ConfigError, DataError
 
 AXES = ("axis 0 (x)", "axis 1 (y)", "axis 2 (z)")  # the slice across each voxel axis (RAS after Orientationd)
 

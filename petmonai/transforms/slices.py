@@ -1,10 +1,12 @@
 """2D slice models: axial slices of a volume stacked as channels (array + dictionary twins)."""
 
 from __future__ import annotations
-import torch
+
 import numpy as np
+import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable, Transform
+
 from petmonai.errors import DataError
 from petmonai.transforms.base import source_file
 

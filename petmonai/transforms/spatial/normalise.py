@@ -1,17 +1,18 @@
 """Intensity and region transforms on the template grid: SUVR, template brain mask, parcels."""
 
 from __future__ import annotations
+
 from functools import lru_cache
+
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
+
 from petmonai.errors import DataError
 from petmonai.transforms.base import source_file
 from petmonai.transforms.spatial.template import Template, mni_fdg_template
-
-
 
 
 def _check_grid(img, template: Template, what: str) -> None:

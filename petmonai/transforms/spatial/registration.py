@@ -23,20 +23,28 @@ from unlabeled scans). Registrations are cached on disk by content (see
 """
 
 from __future__ import annotations
+
 import hashlib
 import json
 import warnings
 from pathlib import Path
+
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
+
 from petmonai.errors import DataError
 from petmonai.runs import atomic_write_json, cache_root
-from petmonai.transforms.base import source_file
-from petmonai.transforms.spatial.template import Template, correlation, load_template, mni_fdg_template, template_file_digest
-from petmonai.transforms.base import FWHM_PER_SIGMA
+from petmonai.transforms.base import FWHM_PER_SIGMA, source_file
+from petmonai.transforms.spatial.template import (
+    Template,
+    correlation,
+    load_template,
+    mni_fdg_template,
+    template_file_digest,
+)
 
 
 def _to_sitk(volume: np.ndarray, affine: np.ndarray):

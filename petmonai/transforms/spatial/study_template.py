@@ -17,21 +17,22 @@ The template is derived from patient scans: keep it with the data, never in a re
 """
 
 from __future__ import annotations
+
 import gzip
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import numpy as np
 import torch
 from monai.transforms import Compose
-from petmonai.data import list_nifti, is_nifti
-from petmonai.data import describe_failure
+
+from petmonai.data import describe_failure, is_nifti, list_nifti
 from petmonai.errors import DataError, PetmonaiError
 from petmonai.runs import atomic_write_bytes, atomic_write_json, get_logger, versions
 from petmonai.transforms.spatial.registration import RegisterToTemplated, correlation
 from petmonai.transforms.spatial.template import template_file_digest
-
 
 log = get_logger("template")
 

@@ -1,16 +1,18 @@
 """Registration targets: the data-free MNI FDG-like template, or a template of your own."""
 
 from __future__ import annotations
+
 import hashlib
 import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+
 import numpy as np
 import torch
+
 from petmonai.errors import DataError
 from petmonai.transforms.base import FWHM_PER_SIGMA
-
 
 # MNI mm ranges of the template grid: the whole brain and cerebellum with a margin
 TEMPLATE_BOX_MM = ((-96.0, 96.0), (-130.0, 94.0), (-78.0, 114.0))
