@@ -268,7 +268,7 @@ def _cross_validate_and_report(cfg, datalist, run_dir, device, synthetic, log, r
         try:
             log.info("report: %s", build_report(run_dir, check=False))  # its config was checked when read
         except Exception as err:  # training results are safe on disk; the report can be rebuilt
-            log.error("report failed (%s: %s); rebuild it with: python scripts/report.py %s",
+            log.error("report failed (%s: %s); rebuild it with: petmonai report %s",
                       type(err).__name__, err, run_dir)
     log.info("results in %s", run_dir)
     return m

@@ -536,7 +536,7 @@ def _results_section(protocol: str, models: list[dict]) -> list[str]:
                       "reference did.", ""]
     else:
         lines += ["(No reference-model results in this run folder: `reference/` is missing. "
-                  "`python scripts/report.py RUN_DIR --reference` runs it on this run's folds.)", ""]
+                  "`petmonai report RUN_DIR --reference` runs it on this run's folds.)", ""]
     for note in models[0]["metrics"].get("notes", []):
         lines.append(f"- Note: {note}")
     return lines + [""]

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
-import hashlib
 import json
 import time
 import zlib
@@ -74,6 +73,7 @@ from petmonai.runs import (
     get_logger,
     read_run_config,
     sha256_file,
+    sha256_text,
 )
 
 log = get_logger("predict")
@@ -823,7 +823,7 @@ def prediction_provenance(run: LoadedRun, files, table, skipped, paths, submissi
         "skip_bad": skip_bad,
         "outputs": {k: str(Path(v).resolve()) for k, v in paths.items()
                     if k not in ("skipped", "saliency") or (k == "skipped" and len(skipped))},
-        "submission_sha256": hashlib.sha256(submission_text.encode()).hexdigest(),
+        "submission_sha256": sha256_text(submission_text),
     })
     prov.pop("seed", None)
     prov["input_fingerprint_sha256"] = prov.pop("data_fingerprint_sha256")
