@@ -14,7 +14,7 @@ import pytest
 from petmonai.audit import audit_datalist
 from petmonai.commands import audit_main
 from petmonai.commands import to_bids_main
-from petmonai.data import discover, make_folds, train_rows, write_bids
+from petmonai.data import content_order, discover, make_folds, train_rows, write_bids
 from petmonai.errors import PetmonaiError
 
 
@@ -53,16 +53,40 @@ def test_bids_copy_has_the_challenge_datalist(tiny_cohort, bids_copy):
 
 
 def test_bids_copy_makes_the_same_folds(tiny_cohort, bids_copy):
-    """Fold membership depends on subjects and labels only, not on the layout."""
+    """In content order (what cross-validation uses), fold membership depends on the scans only."""
     to_bids = _source_map(bids_copy)
-    chal = train_rows(discover(tiny_cohort))
-    bids = train_rows(discover(bids_copy))
+    chal = content_order(train_rows(discover(tiny_cohort)))
+    bids = content_order(train_rows(discover(bids_copy)))
+    assert chal["image"].map(to_bids).tolist() == bids["scan_id"].tolist()  # one order for both layouts
     for protocol in ("subject", "site-pair"):
         a = make_folds(chal, protocol, n_folds=3, seed=0)
         b = make_folds(bids, protocol, n_folds=3, seed=0)
         a["scan_id"] = a["scan_id"].map(dict(zip(chal["scan_id"], chal["image"].map(to_bids))))
         key = ["repeat", "fold", "scan_id", "role"]
         assert a[key].sort_values(key).values.tolist() == b[key].sort_values(key).values.tolist(), protocol
+
+
+def test_bids_copy_trains_to_the_same_probabilities(tiny_cohort, bids_copy, fast_config, tmp_path):
+    """The issue's acceptance on the phantoms: the BIDS copy lists its scans in another order (by
+    subject, the challenge layout by class folder), yet trains to identical out-of-fold probabilities."""
+    from petmonai.commands import train3d_main
+
+    runs = {}
+    for name, root in (("challenge", tiny_cohort), ("bids", bids_copy)):
+        out = tmp_path / name
+        args = ["--data-root", str(root), "--output-dir", str(out), "--device", "cpu"]
+        for o in [*fast_config, "report.write=false", "report.reference_model=false"]:
+            args += ["--set", o]
+        assert train3d_main(args) == 0
+        runs[name] = pd.read_csv(out / "oof_predictions.csv", dtype={"scan_id": str})
+    assert discover(tiny_cohort)["image"].map(_source_map(bids_copy)).tolist() != \
+        discover(bids_copy)["scan_id"].tolist()  # the two datalists do list the scans in different orders
+    chal, bids = runs["challenge"], runs["bids"]
+    chal["scan_id"] = chal["image"].map(_source_map(bids_copy))
+    key = ["repeat", "fold", "scan_id"]
+    chal, bids = chal.sort_values(key).reset_index(drop=True), bids.sort_values(key).reset_index(drop=True)
+    assert chal[key].values.tolist() == bids[key].values.tolist()
+    assert (chal["prob_mci"] == bids["prob_mci"]).all()  # bit for bit, on CPU
 
 
 def test_bids_audit_says_what_the_challenge_audit_says(tiny_cohort, bids_copy):

@@ -37,6 +37,7 @@ from petmonai.data.discover import (  # noqa: F401
     check_file_size,
     check_shape,
     check_unique_uuids,
+    content_order,
     discover,
     discover_layout,
     fingerprint,

@@ -56,7 +56,7 @@ from petmonai.data.bids import (
 )
 from petmonai.data.classes import check_classes, parse_label, run_classes
 from petmonai.errors import DataError, PetmonaiError
-from petmonai.runs import get_logger
+from petmonai.runs import get_logger, sha256_file
 
 log = get_logger("data")
 
@@ -432,6 +432,18 @@ def check_unique_uuids(df: pd.DataFrame) -> None:
 
 def train_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["split"] == "train"].reset_index(drop=True)
+
+
+def content_order(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows sorted by the SHA-256 of their image file (then ``scan_id``): an order that depends on
+    the scans alone, not on the layout, the file names or the listing order. Cross-validation works in
+    this order, so the challenge layout, its BIDS copy and a CSV datalist of the same files make the
+    same folds and the same seeded training shuffles (identical out-of-fold probabilities on CPU)."""
+    if df.empty:
+        return df.reset_index(drop=True)
+    keys = df["image"].map(lambda path: sha256_file(path) if Path(path).is_file() else "")
+    order = sorted(range(len(df)), key=lambda i: (keys.iloc[i], str(df["scan_id"].iloc[i])))
+    return df.iloc[order].reset_index(drop=True)
 
 
 def fingerprint(paths) -> str:

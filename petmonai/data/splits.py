@@ -50,6 +50,13 @@ LEAKY_PROTOCOLS = ("scan",)
 FOLD_COLUMNS = ["repeat", "fold", "scan_id", "subject", "site", "label", "role", "protocol"]
 
 
+def subject_groups(train: pd.DataFrame) -> np.ndarray:
+    """Subjects as integers numbered by first appearance in ``train``: in
+    :func:`petmonai.data.discover.content_order` the folds then do not depend on how a layout spells
+    subject ids (``031_S_0294`` or ``sub-031S0294``)."""
+    return pd.factorize(train["subject"])[0]
+
+
 def _grouped_kfold(labels, groups, n_splits: int, seed: int):
     n_splits = min(n_splits, _max_splits(labels, groups))
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
@@ -68,7 +75,7 @@ def inner_validation(train: pd.DataFrame, fraction: float, seed: int) -> np.ndar
     if fraction <= 0:
         return np.zeros(len(train), dtype=bool)
     n_splits = max(2, int(round(1.0 / fraction)))
-    labels, groups = train["label"].to_numpy(), train["subject"].to_numpy()
+    labels, groups = train["label"].to_numpy(), subject_groups(train)
     if _max_splits(labels, groups) < 2:
         return np.zeros(len(train), dtype=bool)
     _, val_idx = _grouped_kfold(labels, groups, n_splits, seed)[0]
@@ -108,7 +115,7 @@ def make_folds(
             "pass --allow-leaky (cv.allow_leaky=true) to run it anyway, for comparison only"
         )
     train = train.reset_index(drop=True)
-    labels, subjects = train["label"].to_numpy(), train["subject"].to_numpy()
+    labels, subjects = train["label"].to_numpy(), subject_groups(train)
     rows = []
     for repeat in range(repeats if protocol != "site-pair" else 1):
         rseed = seed + 1000 * repeat

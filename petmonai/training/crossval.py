@@ -33,6 +33,7 @@ from petmonai.data import (
     LEAKY_PROTOCOLS,
     UntrackedDataset,
     VolumeCache,
+    content_order,
     fold_ids,
     fold_members,
     load_folds,
@@ -414,7 +415,7 @@ def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path,
     ``resume=True`` continues a run folder: its own folds, finished folds read back, an
     unfinished fold continued from its resumable checkpoint."""
     run_dir, classes = Path(run_dir), run_classes(cfg)
-    train = train_rows(datalist)
+    train = content_order(train_rows(datalist))  # the same folds and shuffles whatever the layout
     preprocess, augment = build_pipelines(cfg)
     cache = build_cache(cfg, train, preprocess)  # every rank holds the whole cache
     if cache.skipped:
