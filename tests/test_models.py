@@ -94,7 +94,7 @@ def test_model_facts_live_in_the_registry_and_a_network_of_your_own_gets_default
 
     assert {name: (f.saliency_layer, f.views) for name, f in MODEL_FACTS.items()} == {
         "sfcn_3d": ("features.block4", "sliding_window_3d"), "resnet18_3d": ("layer3", "sliding_window_3d"),
-        "resnet18_2d": ("layer3", "random_slices_2d")}
+        "resnet18_2d": ("layer3", "random_slices_2d"), "resnet18_2d_slices": ("layer3_map", "sliding_window_3d")}
     own = load_config(overrides=["model={_target_: monai.networks.nets.DenseNet121, spatial_dims: 3, "
                                  "in_channels: 1, out_channels: 2}"])
     assert model_facts(own["model"]).saliency_layer is None

@@ -10,17 +10,20 @@ from petmonai.commands.registry import command
 
 
 def compare_options(parser) -> None:
-    from petmonai.studies import DEFAULT_MODELS, PROTOCOLS, QUICK_EPOCHS
+    from petmonai.studies import DEFAULT_MODELS, MODELS, PROTOCOLS, QUICK_EPOCHS, REFERENCE
 
     options.add_data_root(parser, help="real data (default: the synthetic demo cohort)")
     parser.add_argument("--cv", nargs="+", choices=PROTOCOLS, default=["subject"],
                         help="protocol(s), e.g. subject site-pair")
+    keys = "; ".join(f"{k}: {name} (configs/{config})" for k, (name, config) in MODELS.items())
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                        help="comma-separated subset of 3d, 2d, 2d-baseline, reference (default: %(default)s)")
+                        help=f"comma-separated subset of {keys}; {REFERENCE}: the PCA + LR reference "
+                             "(default: %(default)s)")
     parser.add_argument("--folds", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="repeated CV: every model on the same folds of every repeat")
     parser.add_argument("--max-epochs", type=int, default=None,
-                        help="epoch budget of every CNN (default: each config's own, 30 for 3d and 2d)")
+                        help="epoch budget of every CNN (default: each config's own)")
     options.add_device(parser)
     options.add_seed(parser)
     options.add_set(parser, help="config override applied to every model")
@@ -28,13 +31,15 @@ def compare_options(parser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_EPOCHS} epochs and smaller inputs: the whole comparison in minutes")
     parser.add_argument("--config-3d", type=Path, default=None, help="3D config (default configs/train3d.yaml)")
-    parser.add_argument("--config-2d", type=Path, default=None, help="2D config (default configs/train2d.yaml)")
+    parser.add_argument("--config-2d", type=Path, default=None,
+                        help="2D config (default configs/train2d_registered.yaml)")
 
 
-@command("compare", "Compare the 2D 50-slice ResNet-18 with the 3D CNN (and the reference) on identical folds.",
+@command("compare", "Compare 2D and 3D CNNs (and the reference) on identical folds.",
          compare_options,
-         description="Train the 2D 50-slice ResNet-18, the default 3D CNN and the PCA + LR reference on identical "
-                     "folds with the same epoch budget; write comparison.md, comparison.png, comparison.json.")
+         description="Train the default 3D CNN, the 3D ResNet-18, a 2D ResNet-18 on the same registered inputs "
+                     "and recipe, the native 2D models and the PCA + LR reference on identical folds; write "
+                     "comparison.md, comparison.png, comparison_loss.png, comparison.json.")
 def compare_command(args) -> None:
     from petmonai.runs import setup_logging
     from petmonai.studies import QUICK_EPOCHS, compare

@@ -447,10 +447,12 @@ def _per_fold(test: pd.DataFrame, thresholds: dict, fold_info: list[dict] | None
     return per_fold
 
 
-def _pooled(test: pd.DataFrame, per_fold: list[dict], n_boot: int, seed: int) -> tuple[dict, dict, dict, dict]:
-    """Pooled metrics (per repeat, averaged over repeats), the per-fold summary and both subject-bootstrap
-    CIs: ``(pooled, pooled_ci, fold_summary, fold_mean_ci)``."""
-    by_repeat = [classification_metrics(p["label"], p["prob"], p["threshold"]) for _, p in test.groupby("repeat")]
+def _pooled(test: pd.DataFrame, per_fold: list[dict], n_boot: int,
+            seed: int) -> tuple[dict, dict, dict, dict, list[dict]]:
+    """Pooled metrics (per repeat, averaged over repeats), the per-fold summary, both subject-bootstrap
+    CIs and the pooled metrics of each repeat: ``(pooled, pooled_ci, fold_summary, fold_mean_ci, per_repeat)``."""
+    repeats = [(int(r), p) for r, p in test.groupby("repeat", sort=True)]
+    by_repeat = [classification_metrics(p["label"], p["prob"], p["threshold"]) for _, p in repeats]
     pooled = {k: float(np.nanmean([m[k] for m in by_repeat])) if not all(np.isnan(m[k]) for m in by_repeat)
               else float("nan") for k in METRIC_KEYS}
     pooled["n"] = int(round(len(test) / max(1, test["repeat"].nunique())))
@@ -464,7 +466,8 @@ def _pooled(test: pd.DataFrame, per_fold: list[dict], n_boot: int, seed: int) ->
     for key in METRIC_KEYS:  # the same point estimates everywhere (the bootstrap's own agree up to rounding)
         pooled_ci[key]["value"] = pooled[key]
         fold_mean_ci[key]["value"] = fold_summary[key]["mean"]
-    return pooled, pooled_ci, fold_summary, fold_mean_ci
+    per_repeat = [{"repeat": r, **m} for (r, _), m in zip(repeats, by_repeat)]
+    return pooled, pooled_ci, fold_summary, fold_mean_ci, per_repeat
 
 
 def _per_site(test: pd.DataFrame, classes) -> list[dict]:
@@ -538,7 +541,8 @@ def evaluate_cv(predictions: pd.DataFrame, datalist: pd.DataFrame, protocol: str
     ``fold_info``: optional per-fold extras (epochs, timings) merged into ``per_fold``.
 
     Pooled metrics are computed per repeat over all out-of-fold test predictions and averaged
-    over repeats; per-fold metrics inside each fold. CIs: :func:`subject_bootstrap` (subjects,
+    over repeats (each repeat's in ``per_repeat``, their AUCs' spread in ``repeat_auc``); per-fold metrics
+    inside each fold. CIs: :func:`subject_bootstrap` (subjects,
     stratified by class). ``headline`` names the number to quote for the protocol.
     """
     leaky = protocol in leaky_protocols
@@ -547,7 +551,7 @@ def evaluate_cv(predictions: pd.DataFrame, datalist: pd.DataFrame, protocol: str
     thresholds = fold_thresholds(predictions, labels, mode, classes)
     test = _scored_test(predictions, labels, thresholds, prob_column(classes))
     per_fold = _per_fold(test, thresholds, fold_info, classes)
-    pooled, pooled_ci, fold_summary, fold_mean_ci = _pooled(test, per_fold, n_boot, seed)
+    pooled, pooled_ci, fold_summary, fold_mean_ci, per_repeat = _pooled(test, per_fold, n_boot, seed)
     fold_thr = [thresholds[k]["threshold"] for k in sorted(thresholds)]
     return {
         "protocol": protocol,
@@ -565,6 +569,8 @@ def evaluate_cv(predictions: pd.DataFrame, datalist: pd.DataFrame, protocol: str
         "fold_auc": {k: fold_summary["roc_auc"][k] for k in ("mean", "sd", "min", "max", "n")},
         "fold_summary": fold_summary,
         "fold_mean_ci": fold_mean_ci,
+        "repeat_auc": {k: v for k, v in spread([m["roc_auc"] for m in per_repeat]).items() if k != "n_undefined"},
+        "per_repeat": per_repeat,  # pooled out-of-fold metrics of each repeat ("pooled": their mean)
         "per_fold": per_fold,
         "per_site": _per_site(test, classes),
         "bootstrap": {"n_boot": int(n_boot), "seed": int(seed), "unit": "subject", "stratified_by_class":

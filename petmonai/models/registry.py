@@ -107,6 +107,57 @@ def resnet18_2d(in_channels: int = 50, num_classes: int = 2, **kwargs) -> torch.
     return resnet18(spatial_dims=2, n_input_channels=in_channels, num_classes=num_classes, **kwargs)
 
 
+class AxialSlices2D(torch.nn.Module):
+    """A 2D network on 3D volumes: the axial axis becomes the channels, ``(B, 1, X, Y, Z) -> (B, Z, X, Y)``,
+    so a 2D ResNet-18 trains on the 3D model's own inputs (the same registered crop, flips and
+    sliding-window test views): the only difference from the 3D model is 2D against 3D convolution.
+
+    A volume deeper than ``depth`` (the training crop's ``crop_size[2]``; e.g. a whole-volume
+    evaluation) is centre-cropped along Z to it; a shallower one is an error. Grad-CAM targets
+    ``layer3_map``: layer3's output with a unit Z axis ``(B, C, x, y, 1)``, so the map is upsampled
+    onto the 3D input (it is constant along Z: the slices are channels, mixed by the first convolution).
+
+    >>> net = AxialSlices2D(depth=28, widen_factor=0.5)
+    >>> net(torch.zeros(2, 1, 28, 36, 28)).shape, net(torch.zeros(1, 1, 32, 40, 32)).shape
+    (torch.Size([2, 2]), torch.Size([1, 2]))
+    """
+
+    def __init__(self, depth: int = 28, num_classes: int = 2, **kwargs):
+        super().__init__()
+        self.depth = int(depth)
+        kwargs = {"conv1_t_size": 7, "conv1_t_stride": 2, **kwargs}
+        self.net = resnet18(spatial_dims=2, n_input_channels=self.depth, num_classes=num_classes, **kwargs)
+        self.layer3_map = torch.nn.Identity()  # the Grad-CAM hook: sees layer3's output as a 3D map
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5 or x.shape[1] != 1:
+            raise ConfigError(f"model resnet18_2d_slices: expected a (batch, 1, X, Y, Z) volume, got {tuple(x.shape)}")
+        z = x.shape[-1]
+        if z < self.depth:
+            raise ConfigError(f"model resnet18_2d_slices: input depth {z} < its {self.depth} input channels "
+                              "(crop_size[2] of training); evaluate on views of the training crop")
+        start = (z - self.depth) // 2
+        x = x[:, 0, :, :, start:start + self.depth].permute(0, 3, 1, 2).contiguous()  # (B, Z, X, Y)
+        n = self.net
+        x = n.act(n.bn1(n.conv1(x)))
+        x = x if n.no_max_pool else n.maxpool(x)
+        x = self.layer3_map(n.layer3(n.layer2(n.layer1(x)))[..., None])[..., 0]
+        x = n.avgpool(n.layer4(x)).flatten(1)
+        return n.fc(x) if n.fc is not None else x
+
+
+# layer3_map: layer3 of the 2D ResNet (coarse in-plane, as the 3D ResNet's) on the input's 3D grid
+@register("resnet18_2d_slices", saliency_layer="layer3_map", views="sliding_window_3d")
+def resnet18_2d_slices(in_channels: int = 28, num_classes: int = 2, **kwargs) -> torch.nn.Module:
+    """A 2D ResNet-18 on the 3D model's registered volumes (:class:`AxialSlices2D`): the axial slices of
+    each crop are its ``in_channels`` (the crop depth, ``"$@crop_size[2]"`` in configs/train2d_registered.yaml).
+
+    >>> resnet18_2d_slices(in_channels=20)(torch.zeros(2, 1, 20, 24, 20)).shape
+    torch.Size([2, 2])
+    """
+    return AxialSlices2D(depth=in_channels, num_classes=num_classes, **kwargs)
+
+
 class SFCN(torch.nn.Module):
     """Simple fully convolutional network for small brain-imaging cohorts (after Peng et al. 2021,
     Medical Image Analysis 68:101871): blocks of 3x3x3 convolution, batch norm and ReLU, halved by
@@ -156,13 +207,27 @@ def spatial_dims(net: torch.nn.Module) -> int:
     return 3
 
 
+def _resolved_options(model_cfg: dict, full_cfg: dict | None) -> dict:
+    """A registered model's options with ``@key`` references and ``$`` expressions (e.g.
+    ``in_channels: "$@crop_size[2]"``) resolved against the whole config ``full_cfg``."""
+    if not any(isinstance(v, str) and v.startswith(("$", "@")) for v in model_cfg.values()):
+        return dict(model_cfg)
+    if full_cfg is None:
+        raise ConfigError("config key 'model' refers to other config values (@ or $); build_model needs the "
+                          "whole config (build_model(cfg['model'], cfg))")
+    from petmonai.config import build_component
+
+    return dict(build_component({**full_cfg, "model": model_cfg}, "model"))
+
+
 def build_model(model_cfg: dict, full_cfg: dict | None = None) -> torch.nn.Module:
-    """Instantiate the network described by the config's ``model`` section."""
+    """Instantiate the network described by the config's ``model`` section (``full_cfg``: the whole
+    config, which ``@``/``$`` values of the section refer to)."""
     if "_target_" in model_cfg:
         from petmonai.config import build_component
 
         return build_component({**(full_cfg or {}), "model": model_cfg}, "model")
-    options = dict(model_cfg)
+    options = _resolved_options(model_cfg, full_cfg)
     name = options.pop("name", None)
     if name not in MODELS:
         raise ConfigError(f"config key 'model.name': unknown model {name!r} (known: {', '.join(sorted(MODELS))})")
@@ -181,7 +246,7 @@ def model_label(model_cfg: dict) -> str:
     name = str(model_cfg.get("name") or model_cfg.get("_target_", "CNN"))
     if name.endswith("_3d"):
         return "3D CNN"
-    if name.endswith("_2d"):
+    if name.endswith(("_2d", "_2d_slices")):
         return "2D CNN"
     return name.rsplit(".", 1)[-1]
 

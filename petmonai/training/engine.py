@@ -128,10 +128,16 @@ def prepare_batch(batchdata, device=None, non_blocking: bool = False,
     """MONAI's default batch preparation (image, label to the device), the image laid out in
     ``memory_format`` (``channels_last_3d`` on GPU)."""
     image, *rest = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
+    return (laid_out(image, memory_format), *rest)
+
+
+def laid_out(image: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """``image`` in ``memory_format`` where its rank has that layout (``channels_last_3d``: 5, ``channels_last``:
+    4), else as it is: a 2D network on 3D volumes (models.AxialSlices2D) gets 5-D batches."""
     if (memory_format is torch.channels_last_3d and image.ndim == 5) or (memory_format is torch.channels_last
                                                                           and image.ndim == 4):
-        image = image.contiguous(memory_format=memory_format)
-    return (image, *rest)
+        return image.contiguous(memory_format=memory_format)
+    return image
 
 
 class MixUpBatch:
@@ -424,8 +430,7 @@ def predict_probabilities(net: torch.nn.Module, loader, device: torch.device, am
     out = []
     for batch in loader:
         images = batch["image"].to(device, non_blocking=device.type == "cuda")
-        if memory_format is not torch.contiguous_format:
-            images = images.contiguous(memory_format=memory_format)
+        images = laid_out(images, memory_format)
         with torch.autocast("cuda", enabled=use_amp, **amp_kwargs):
             logits = net(images)
         out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy())
