@@ -18,7 +18,12 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, ScaleInte
 
 from petmonai.config import load_config, resolved_entries
 from petmonai.data import VolumeCache, discover, to_items, train_rows
-from petmonai.data.volume_store import VolumeStore, preprocess_scans, preprocessing_digest, resolve_workers
+from petmonai.data.volume_store import (
+    VolumeStore,
+    preprocess_scans,
+    preprocessing_digest,
+    resolve_workers,
+)
 from petmonai.errors import ConfigError, PetmonaiError
 from petmonai.transforms import build_pipelines
 

@@ -212,7 +212,14 @@ _WORKER: dict = {}
 
 
 def _init_worker(preprocess, store) -> None:
-    torch.set_num_threads(1)  # one process per core: no oversubscription, no fork-inherited thread pools
+    """One thread per worker process (torch and ITK): one process per core, no oversubscription."""
+    torch.set_num_threads(1)
+    try:
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    except ImportError:  # (a preprocessing without registration needs no SimpleITK)
+        pass
     _WORKER.update(preprocess=preprocess, store=store)
 
 
@@ -244,7 +251,8 @@ def _progress(total: int, show: bool):
 
 
 def preprocess_scans(items: Sequence[dict], preprocess, workers: int = 1, store: VolumeStore | None = None,
-                     progress: bool = False, threads: int = 1, skip: Sequence[int] = ()) -> Fill:
+                     progress: bool = False, threads: int = 1, skip: Sequence[int] = (),
+                     in_process: bool | None = None) -> Fill:
     """Preprocess each of ``items`` not yet in ``store`` (all of them without a store).
 
     Args:
@@ -254,6 +262,8 @@ def preprocess_scans(items: Sequence[dict], preprocess, workers: int = 1, store:
         store: the on-disk cache the results go to; None: they come back in ``Fill.produced``.
         progress: a progress bar (scans/s, ETA) on stderr.
         skip: indices known to fail (another rank reported them): neither computed nor returned.
+        in_process: False: worker processes even for one worker (a benchmark's like-for-like 1 -> 2
+            workers); default: in this process for one worker.
     """
     fill = Fill()
     todo = []
@@ -263,8 +273,9 @@ def preprocess_scans(items: Sequence[dict], preprocess, workers: int = 1, store:
         if i not in skip and not (store is not None and store.has(key)):
             todo.append(i)
     fill.workers = max(1, min(int(workers), len(todo)))
+    local = fill.workers == 1 if in_process is None else in_process
     with _progress(len(todo), progress and len(todo) > 0) as bar:
-        for index, produced, problem in _run(items, todo, fill, preprocess, store, threads):
+        for index, produced, problem in _run(items, todo, fill, preprocess, store, threads, local):
             if problem is not None:
                 fill.failures[index] = problem
             elif produced is not None:
@@ -274,11 +285,11 @@ def preprocess_scans(items: Sequence[dict], preprocess, workers: int = 1, store:
     return fill
 
 
-def _run(items, todo, fill: Fill, preprocess, store, threads: int):
-    """The results of ``todo``, as they complete: in this process or in ``fill.workers`` processes."""
+def _run(items, todo, fill: Fill, preprocess, store, threads: int, local: bool):
+    """The results of ``todo``, as they complete: in this process (``local``) or in ``fill.workers`` processes."""
     if not todo:
         return
-    if fill.workers == 1:
+    if local:
         saved = dict(_WORKER)
         _WORKER.update(preprocess=preprocess, store=store)
         try:
