@@ -36,6 +36,7 @@ def test_bench_scale_end_to_end(tmp_path, fast_config, capsys):
     assert row["on_disk"] and row["cache_bytes_per_scan"] > 0 and row["peak_rss_mb"] > 0
     assert results["torchrun"]["n"] == 4 and results["torchrun"]["split_s"] > 0
     page = docs.read_text()
+    assert (docs.parent / "scale.png").is_file()
     assert PLACEHOLDER not in page and "10,000 scans" in page and (out / "scale.md").read_text().split("\n", 2)[2] in page
     assert "| figure | N=6 | N=12 |" in capsys.readouterr().out
 

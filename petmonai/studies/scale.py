@@ -203,8 +203,9 @@ def bench_scale(output: str | Path, sizes=DEFAULT_SIZES, workers=(1, 2), epochs:
     atomic_write_json(output / "scale.json", results)
     atomic_write_text(output / "scale.md", render_table(results))
     plot_scale(results, output / "scale.png")
-    if docs:
+    if docs:  # the page, and its figure beside it
         atomic_write_text(docs, render_docs(results))
+        plot_scale(results, Path(docs).parent / "scale.png")
     if not keep:
         import shutil
 

@@ -460,7 +460,7 @@ def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path,
     run_dir, classes = Path(run_dir), run_classes(cfg)
     train = content_order(train_rows(datalist))  # the same folds and shuffles whatever the layout
     preprocess, augment = build_pipelines(cfg)
-    cache = build_cache(cfg, train, preprocess)  # every rank holds the whole cache
+    cache = build_cache(cfg, train, preprocess)  # each scan preprocessed once across ranks; each reads them all
     if cache.skipped:
         if dist.is_main():
             atomic_write_csv(run_dir / "skipped.csv", pd.DataFrame(cache.skipped))
