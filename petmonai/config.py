@@ -60,6 +60,9 @@ SCHEMA: dict[str, Any] = {
         "root": _OPT_STR,
         "skip_bad": bool,
         "cache_workers": int,
+        "preprocess_workers": (int, str),  # auto | N: processes preprocessing the scans (petmonai.data.volume_store)
+        "cache": Choice("memory", "disk"),  # where the preprocessed volumes are kept (petmonai.data.datasets)
+        "cache_dir": _OPT_STR,              # the on-disk volume cache; default: $PETMONAI_CACHE/volumes
         "classes": list,          # the two groups, negative first (petmonai.data.classes)
         "label_column": str,      # BIDS: participants.tsv / sessions.tsv column of the class (petmonai.data.bids)
         "tracer": _OPT_STR,       # BIDS: keep the PET files of this trc- entity; null = all
@@ -490,6 +493,24 @@ def build_component(cfg: dict, key: str, runtime: dict | None = None):
             chain.append(f"{type(cause).__name__}: {cause}")
             cause = cause.__cause__
         raise ConfigError(f"cannot build config entry '{key}': " + " <- ".join(chain)) from None
+
+
+def resolved_entries(cfg: dict, key: str) -> list:
+    """The entries of pipeline ``key`` with every ``@`` reference and ``$`` expression resolved but nothing
+    instantiated: what the stages will be built with (the on-disk volume cache keys on it).
+
+    >>> cfg = {"spacing": [6.0], "preprocess": {"pad": {"_target_": "Pad", "voxel": "$@spacing[0]"}}}
+    >>> resolved_entries(cfg, "preprocess")
+    [{'_target_': 'Pad', 'voxel': 6.0}]
+    """
+    from monai.bundle import ConfigParser
+
+    content = copy.deepcopy(cfg)
+    for name in PIPELINES:
+        if name in content:
+            content[name] = pipeline_entries(content, name)
+    parsed = ConfigParser(content).get_parsed_content(key, instantiate=False)
+    return [entry.get_config() if hasattr(entry, "get_config") else entry for entry in parsed]
 
 
 def dump_yaml(cfg: dict) -> str:

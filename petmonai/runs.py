@@ -298,6 +298,11 @@ def sha256_file(path: str | Path) -> str:
     return _HASHED[key]
 
 
+def forget_file_hashes() -> None:
+    """Forget the SHA-256 digests :func:`sha256_file` remembered (a benchmark timing a first read)."""
+    _HASHED.clear()
+
+
 def sha256_text(text: str) -> str:
     """The SHA-256 (hex) of ``text`` as :func:`atomic_write_text` writes it (UTF-8)."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()

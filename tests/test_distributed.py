@@ -254,3 +254,39 @@ def test_default_recipe_on_two_ranks(ddp_default_run):
         load_weights(net, out / f"fold_{fold}" / "best_model.pt", torch.device("cpu"))
         again = scorer(net, {sid: cache[sid]["image"] for sid in preds["scan_id"]})
         np.testing.assert_allclose(preds["prob_mci"], again, atol=1e-5)
+
+
+# ------------------------------------------------ preprocessing: each scan once across the ranks
+
+@pytest.mark.slow
+@needs_gloo
+@pytest.mark.parametrize("cache_mode", ["memory"])  # (disk: the same split; tests/test_volume_store.py)
+def test_each_scan_preprocessed_once_across_ranks(cohort, fast_config, tmp_path, cache_mode):
+    """2 processes split the scans, each preprocesses (registers) its share into the shared on-disk
+    cache, then both read all of them: every scan registered exactly once, both ranks hold the same
+    volumes, and an unreadable scan is skipped on both."""
+    from petmonai.data import discover, train_rows
+
+    root = cohort
+    out = tmp_path / "out"
+    out.mkdir()
+    overrides = [*fast_config, f"template.cache_dir={tmp_path / 'registration'}",
+                 f"data.cache_dir={tmp_path / 'volumes'}", "data.skip_bad=true", "data.preprocess_workers=2"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           "--max_restarts=0", str(REPO / "tests" / "ddp_cache_probe.py"), str(root), str(out), cache_mode,
+           *overrides]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    good = sorted(train_rows(discover(root))["scan_id"])
+    registrations = [line for p in out.glob("registrations-*.txt") for line in p.read_text().split()]
+    assert len(registrations) == len(good) == len(set(registrations))  # each scan once, by one process
+    assert len(list(out.glob("registrations-*.txt"))) >= 2  # (the work was shared)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert r["world"] == 2 and sorted(r["scan_ids"]) == good and r["on_disk"] == (cache_mode == "disk")
+        assert [Path(s).name for s in r["skipped"]] == ["broken.nii.gz"]
+    assert ranks[0]["sums"] == ranks[1]["sums"]
+    assert len(list((tmp_path / "volumes").glob("*/*.pt"))) == len(good)

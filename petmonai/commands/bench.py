@@ -45,11 +45,14 @@ Engine runs (s): {", ".join(f"{t:.2f}" for t in r["engine_s"])}; bare runs (s): 
 
 | figure | value |
 |---|---|
-| cold preprocessing (NIfTI decode, preprocessing of the config, e.g. registration on first use) per volume | {r['cold_preprocess_s_per_volume']*1000:.0f} ms |
+| cold preprocessing per volume: NIfTI decode and the config's preprocessing, registrations computed (a fresh, empty registration cache) | {r['cold_preprocess_s_per_volume']*1000:.0f} ms |
+| warm preprocessing per volume: the same with every registration read from its cache | {_ms(r.get('warm_preprocess_s_per_volume'))} |
 | cached fetch per volume (no decode) | {r['cached_fetch_s_per_volume']*1000:.2f} ms |
 | cached volume size in memory | {r['cached_volume_mb']:.2f} MB |
 
-The cache lives in memory (MONAI CacheDataset), nothing on disk.
+Both preprocessing figures in this process, one worker, in-memory cache (the default `data.cache: memory`).
+Preprocessing in worker processes, the on-disk cache (`data.cache: disk`) and how they scale with the
+number of scans: [scale.md](scale.md).
 
 Earlier figures: [benchmarks_resnet18.md](benchmarks_resnet18.md) (the 3D ResNet-18 recipe, the loader
 variants and the native-grid preprocessing, measured before issue 8 changed the default).
@@ -64,6 +67,11 @@ and [benchmarks_inference_resnet18.md](benchmarks_inference_resnet18.md) (the ea
 
 {render_gpu(r)}
 """
+
+
+def _ms(seconds) -> str:
+    """A per-volume time in ms; 'n/a' in a JSON written before it was measured."""
+    return "n/a" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
 def render_gpu(r: dict) -> str:

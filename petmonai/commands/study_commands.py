@@ -1,4 +1,4 @@
-"""Studies and benchmarks: ``petmonai compare``, ``experiments``, ``bench``, ``bench-predict``."""
+"""Studies and benchmarks: ``petmonai compare``, ``experiments``, ``bench``, ``bench-predict``, ``bench-scale``."""
 
 from __future__ import annotations
 
@@ -128,3 +128,39 @@ def bench_predict_command(args) -> None:
     bench_predict(args.run_dir, inputs=args.inputs, volumes=args.volumes, factor_volumes=args.factor_volumes,
                   threads=args.threads, full=args.full, factors=not args.skip_factors, oof=not args.skip_oof,
                   output=args.output, note=args.note, command=args.invocation)
+
+
+def bench_scale_options(parser) -> None:
+    from petmonai.studies import DEFAULT_SIZES
+
+    parser.add_argument("--sizes", nargs="+", type=int, default=list(DEFAULT_SIZES),
+                        help="cohort sizes N (synthetic scans; default: %(default)s)")
+    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2],
+                        help="preprocessing worker processes to compare (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs of fold 0 trained per size (default: 2)")
+    parser.add_argument("--torchrun-size", type=int, default=None,
+                        help="cohort size of the 2-process torchrun comparison (default: the smallest; 0: skip it)")
+    options.add_device(parser, default="cpu")
+    options.add_seed(parser)
+    options.add_set(parser, help="config override for every measurement")
+    options.add_output_dir(parser, help="scale.json, scale.md, scale.png (default: runs/scale-<time>)")
+    parser.add_argument("--docs", type=Path, default=None, help="also render this page from the results "
+                        "(docs/scale.md)")
+    parser.add_argument("--keep", action="store_true", help="keep the cohorts and caches (in OUTPUT/.work-*)")
+
+
+@command("bench-scale", "Measure how preprocessing, training and prediction scale with the number of scans.",
+         bench_scale_options,
+         description="For each N of --sizes: a synthetic cohort generated, preprocessed cold and warm with 1 and 2 "
+                     "workers, one fold trained from the on-disk cache (epoch time, peak memory), its held-out scans "
+                     "predicted; the issue's targets checked; scale.json, scale.md and a log-log plot written.")
+def bench_scale_command(args) -> None:
+    from petmonai.runs import setup_logging
+    from petmonai.studies import bench_scale
+
+    setup_logging(None)
+    out = args.output_dir or Path("runs") / f"scale-{time.strftime('%Y%m%d-%H%M%S')}"
+    bench_scale(out, sizes=args.sizes, workers=args.workers, epochs=args.epochs, device=args.device,
+                overrides=args.overrides, seed=0 if args.seed is None else args.seed, torchrun_size=args.torchrun_size, command=args.invocation,
+                docs=args.docs, keep=args.keep)
+    print((out / "scale.md").read_text())

@@ -15,7 +15,7 @@ MONAI pipeline:
 ...     nib.save(nib.Nifti1Image(np.random.rand(8, 8, 8).astype(np.float32), np.eye(4)), path)
 ...     items.append({"image": str(path), "label": int(scan_id.startswith("MCI")), "scan_id": scan_id})
 >>> preprocess = Compose([LoadImaged("image"), EnsureChannelFirstd("image"), ScaleIntensityd("image")])
->>> cache = VolumeCache(items, preprocess)          # decodes every NIfTI once (MONAI CacheDataset)
+>>> cache = VolumeCache(items, preprocess)          # decodes every NIfTI once, kept in memory
 >>> augment = RandFlipd("image", prob=0.5, spatial_axis=0)
 >>> train_ds = cache.subset(["MCI/3", "NC/1"], transform=augment)   # random augmentation per epoch
 >>> len(train_ds), tuple(train_ds[0]["image"].shape)
@@ -34,74 +34,57 @@ listed in ``cache.skipped`` instead:
 
 from __future__ import annotations
 
-import gzip
-import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from monai.data import CacheDataset, Dataset, get_track_meta, set_track_meta
-from monai.transforms import Compose
+from monai.data import Dataset, get_track_meta, set_track_meta
 
-from petmonai.errors import DataError, PetmonaiError
+from petmonai.data.volume_store import VolumeStore, describe_failure, preprocess_scans
+from petmonai.errors import PetmonaiError
 from petmonai.runs import get_logger
 
 log = get_logger("data")
 
-
-_DAMAGED = (EOFError, zlib.error, gzip.BadGzipFile)
-
-
-def describe_failure(err: BaseException) -> str:
-    """The innermost useful message of an exception raised inside a MONAI Compose."""
-    messages, damaged = [], False
-    while err is not None:
-        if isinstance(err, DataError):
-            return err.problem
-        damaged = damaged or isinstance(err, _DAMAGED)
-        text = str(err).strip()
-        if text and not text.startswith("applying transform"):
-            messages.append(f"{type(err).__name__}: {text.splitlines()[-1]}")
-        err = err.__cause__ or err.__context__
-    if not messages:
-        return "preprocessing failed"
-    if damaged:  # a truncated or corrupt .nii.gz: say so in words, keep the decoder's message
-        return f"damaged compressed data ({messages[-1]}): the file is corrupt or truncated; re-copy or re-export it"
-    return messages[-1]
-
-
-class _GuardedCacheDataset(CacheDataset):
-    """CacheDataset that records which items failed instead of aborting the whole fill."""
-
-    def __init__(self, *args, **kwargs):
-        self.failures: dict[int, str] = {}
-        super().__init__(*args, **kwargs)
-
-    def _load_cache_item(self, idx: int):
-        try:
-            return super()._load_cache_item(idx)
-        except Exception as err:  # reported per file by VolumeCache
-            self.failures[idx] = describe_failure(err)
-            return None
+__all__ = ["UntrackedDataset", "VolumeCache", "describe_failure"]
 
 
 class VolumeCache:
-    """Deterministic preprocessing of every item, run once and kept in memory.
+    """Deterministic preprocessing of every item, run once and kept in memory or on disk.
 
     Items are dicts with ``image`` (path), ``label`` and ``scan_id``.
+
+    Args:
+        items: the scans.
+        preprocess: the deterministic pipeline (the config's ``preprocess`` stages).
+        num_workers: threads preprocessing in this process when ``workers`` is 1 (``data.cache_workers``).
+        skip_bad: leave out (and list in ``skipped``) the scans that fail, instead of raising.
+        workers: processes preprocessing the scans not cached yet (``data.preprocess_workers``).
+        store: the on-disk cache (:class:`petmonai.data.volume_store.VolumeStore`); None: memory only.
+        in_memory: with a store, also hold every volume in memory (read from the store once) rather
+            than reading each item from disk when it is asked for.
+        failures: index -> problem of scans already known to fail (another process reported them).
+        progress: a progress bar while preprocessing.
     """
 
-    def __init__(self, items: Sequence[dict], preprocess: Compose, num_workers: int = 2, skip_bad: bool = False):
-        self.items = list(items)
-        self.dataset = _GuardedCacheDataset(self.items, transform=preprocess, cache_rate=1.0,
-                                            num_workers=max(1, num_workers), progress=False)
-        self.skipped = [{"image": self.items[i]["image"], "problem": p} for i, p in sorted(self.dataset.failures.items())]
+    def __init__(self, items: Sequence[dict], preprocess, num_workers: int = 2, skip_bad: bool = False,
+                 workers: int = 1, store: VolumeStore | None = None, in_memory: bool = True,
+                 failures: dict | None = None, progress: bool = False):
+        self.items, self.store = list(items), store
+        fill = preprocess_scans(self.items, preprocess, workers, store, progress, threads=num_workers,
+                                skip=sorted(failures or {}))
+        self.computed, self.workers, self.keys = fill.computed, fill.workers, fill.keys
+        all_failures = {**(failures or {}), **fill.failures}
+        self.skipped = [{"image": self.items[i]["image"], "problem": p} for i, p in sorted(all_failures.items())]
         if self.skipped and not skip_bad:
             from petmonai.data.discover import bad_files_error
 
             raise bad_files_error(self.skipped)
         for item in self.skipped:
             log.warning("skipped %s: %s", item["image"], item["problem"])
-        failed = set(self.dataset.failures)
-        self.index = {item["scan_id"]: i for i, item in enumerate(self.items) if i not in failed}
+        self.index = {item["scan_id"]: i for i, item in enumerate(self.items) if i not in all_failures}
+        self.produced: dict | None = None  # index -> entries preprocessing produced (in memory)
+        if store is None or in_memory:
+            self.produced = {i: fill.produced[i] if i in fill.produced else store.load(fill.keys[i])
+                             for i in self.index.values()}
 
     def __len__(self) -> int:
         return len(self.index)
@@ -110,8 +93,22 @@ class VolumeCache:
     def scan_ids(self) -> list[str]:
         return list(self.index)
 
+    @property
+    def on_disk(self) -> bool:
+        """True when items are read from the on-disk cache whenever they are asked for."""
+        return self.produced is None
+
+    def item(self, index: int) -> dict:
+        """The preprocessed item at position ``index`` of ``items`` (read from disk without ``in_memory``)."""
+        produced = self.produced[index] if self.produced is not None else self.store.load(self.keys[index])
+        return {**self.items[index], **produced}
+
     def __getitem__(self, scan_id: str) -> dict:
-        return self.dataset[self.index[scan_id]]
+        return self.item(self.index[scan_id])
+
+    def volumes(self, scan_ids: Sequence[str] | None = None) -> Mapping:
+        """scan_id -> preprocessed image, read when asked for (the whole set never held at once on disk)."""
+        return _Volumes(self, self.scan_ids if scan_ids is None else list(scan_ids))
 
     def subset(self, scan_ids: Sequence[str], transform=None, track_meta: bool = True) -> Dataset:
         """A dataset over some cached volumes, optionally with (random) transforms on top;
@@ -119,8 +116,26 @@ class VolumeCache:
         missing = [s for s in scan_ids if s not in self.index]
         if missing:
             raise PetmonaiError(f"scans not in the preprocessed cache: {missing[:5]}")
-        view = _CachedView(self.dataset, [self.index[s] for s in scan_ids])
+        view = _CachedView(self, [self.index[s] for s in scan_ids])
         return (Dataset if track_meta else UntrackedDataset)(view, transform=transform)
+
+
+class _Volumes(Mapping):
+    """scan_id -> image of a :class:`VolumeCache`, each read when it is looked up."""
+
+    def __init__(self, cache: VolumeCache, scan_ids: list[str]):
+        self.cache, self.scan_ids = cache, scan_ids
+
+    def __getitem__(self, scan_id: str):
+        if scan_id not in self.scan_ids:
+            raise KeyError(scan_id)
+        return self.cache[scan_id]["image"]
+
+    def __iter__(self):
+        return iter(self.scan_ids)
+
+    def __len__(self) -> int:
+        return len(self.scan_ids)
 
 
 class UntrackedDataset(Dataset):
@@ -149,13 +164,13 @@ class UntrackedDataset(Dataset):
 
 
 class _CachedView(Sequence):
-    """Items of a cache, each returned as a shallow copy so transforms never alter the cache."""
+    """Items of a cache, each returned as a new dict so transforms never alter the cache."""
 
-    def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, list(indices)
+    def __init__(self, cache: VolumeCache, indices):
+        self.cache, self.indices = cache, list(indices)
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, i):
-        return dict(self.dataset[self.indices[i]])
+        return self.cache.item(self.indices[i])

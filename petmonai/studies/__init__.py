@@ -55,3 +55,15 @@ from petmonai.studies.bench import (  # noqa: F401
     peak_rss_gb,
     training_step_flops,
 )
+
+from petmonai.studies.scale import (  # noqa: F401
+    DEFAULT_SIZES,
+    TARGETS,
+    bench_scale,
+    check_targets,
+)
+
+from petmonai.studies.scale_report import (  # noqa: F401
+    render_docs,
+    render_table,
+)

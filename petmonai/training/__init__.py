@@ -62,6 +62,7 @@ from petmonai.training.crossval import (  # noqa: F401
     training_dataset,
     training_loader,
     training_roles,
+    volume_store,
 )
 
 from petmonai.training.tracking import (  # noqa: F401

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,12 +78,54 @@ from petmonai.transforms import build_evaluation, build_pipelines
 log = get_logger("cv")
 
 
+def volume_store(cfg: dict, preprocess_entries=None):
+    """The on-disk volume cache of the config's preprocessing (``data.cache_dir``), keyed by its
+    :func:`petmonai.data.volume_store.preprocessing_digest`."""
+    from petmonai.config import resolved_entries
+    from petmonai.data.volume_store import (
+        VolumeStore,
+        default_volume_dir,
+        preprocessing_digest,
+    )
+
+    entries = resolved_entries(cfg, "preprocess") if preprocess_entries is None else preprocess_entries
+    digest, description = preprocessing_digest(entries)
+    folder = cfg["data"]["cache_dir"]
+    root = default_volume_dir() if folder in (None, "default") else Path(folder)
+    return VolumeStore(root, digest, description)
+
+
 def build_cache(cfg: dict, datalist: pd.DataFrame, preprocess) -> VolumeCache:
-    items = to_items(datalist)
+    """Every scan of ``datalist`` preprocessed once (``data.preprocess_workers`` processes), kept in
+    memory or, with ``data.cache: disk``, in the on-disk volume cache and read per step.
+
+    Under torchrun the ranks split the scans: each preprocesses its share into the shared on-disk
+    cache, the failures are gathered, and after a barrier every rank reads the others' scans from
+    disk (into memory with ``data.cache: memory``): each scan is preprocessed (registered) once."""
+    from petmonai.data.volume_store import preprocess_scans, resolve_workers
+
+    items, data = to_items(datalist), cfg["data"]
+    workers = resolve_workers(data["preprocess_workers"])
+    world = dist.world_size()
+    store = volume_store(cfg) if data["cache"] == "disk" or world > 1 else None
+    show = bool(cfg["train"]["progress_bar"]) and sys.stderr.isatty() and dist.is_main()
     t0 = time.perf_counter()
-    cache = VolumeCache(items, preprocess, num_workers=cfg["data"]["cache_workers"], skip_bad=cfg["data"]["skip_bad"])
-    log.info("preprocessed %d volumes once into the cache in %.1fs (%d skipped)",
-             len(cache), time.perf_counter() - t0, len(cache.skipped))
+    failures, computed = None, 0
+    if world > 1:  # this rank's share into the shared store, then every rank knows every failure
+        share = dist.shard(list(range(len(items))))
+        fill = preprocess_scans([items[i] for i in share], preprocess, workers, store, show,
+                                threads=data["cache_workers"])
+        mine = {share[i]: problem for i, problem in fill.failures.items()}
+        failures = {i: p for part in dist.all_gather_object(mine) for i, p in part.items()}
+        computed = sum(dist.all_gather_object(fill.computed))
+        dist.barrier()  # every share written before any rank reads the others'
+    cache = VolumeCache(items, preprocess, num_workers=data["cache_workers"], skip_bad=data["skip_bad"],
+                        workers=workers, store=store, in_memory=data["cache"] == "memory", failures=failures,
+                        progress=show)
+    log.info("preprocessed %d volumes (%d computed now, %d from the %s cache) in %.1fs, %d worker process%s "
+             "(%d skipped)", len(cache), computed + cache.computed, len(cache) - computed - cache.computed,
+             data["cache"], time.perf_counter() - t0, cache.workers if world == 1 else workers,
+             "" if workers == 1 else "es", len(cache.skipped))
     return cache
 
 
@@ -295,7 +338,7 @@ def _held_out_predictions(cfg: dict, cache: VolumeCache, net: torch.nn.Module, i
             continue
         share = dist.shard(ids[role])  # this rank's share
         if held_out_views is not None:  # predict.py's views (windows x flips), by this fold's network
-            probs = held_out_views(net, {sid: cache[sid]["image"] for sid in share})
+            probs = held_out_views(net, cache.volumes(share))
         else:
             loader = make_loader(cache.subset(share, evaluate), int(tcfg["batch_size"]), False, 0, device)
             # float64 so that predictions read back from predictions.csv (resume) are bit-identical
@@ -387,7 +430,7 @@ def preprocessed_check(cache: VolumeCache, train: pd.DataFrame, run_dir: Path, p
     register = find_registration(preprocess)
     registration = None
     if register is not None:
-        volumes = {sid: cache[sid]["image"] for sid in cache.scan_ids}
+        volumes = cache.volumes()  # read one at a time (data.cache: disk)
         corr = template_correlations(volumes, register)
         table["template_correlation"] = table["scan_id"].map(corr)
         negative, positive = run_classes(None) if classes is None else classes
@@ -417,7 +460,7 @@ def run_cross_validation(cfg: dict, datalist: pd.DataFrame, run_dir: str | Path,
     run_dir, classes = Path(run_dir), run_classes(cfg)
     train = content_order(train_rows(datalist))  # the same folds and shuffles whatever the layout
     preprocess, augment = build_pipelines(cfg)
-    cache = build_cache(cfg, train, preprocess)  # every rank holds the whole cache
+    cache = build_cache(cfg, train, preprocess)  # each scan preprocessed once across ranks; each reads them all
     if cache.skipped:
         if dist.is_main():
             atomic_write_csv(run_dir / "skipped.csv", pd.DataFrame(cache.skipped))

@@ -7,7 +7,10 @@ The training command runs unchanged: when ``WORLD_SIZE`` > 1 in the environment 
 it) :func:`run_parallel` opens an ``idist.Parallel`` process group (``nccl`` on CUDA, ``gloo`` on
 CPU) and every process runs the same command. Within it:
 
-- each process holds the whole preprocessed cache; the training scans of an epoch are shuffled
+- the processes split the scans and preprocess each once into the shared on-disk volume cache
+  (``data.cache_dir``, one folder every process sees; :func:`petmonai.training.build_cache`); then
+  each holds every volume (``data.cache: memory``) or reads them from disk per step (``disk``);
+- the training scans of an epoch are shuffled
   identically on every rank and split between them (:class:`DistributedBatchSampler`): every
   scan once per epoch across ranks, the same number of steps on every rank;
 - the model is wrapped in ``DistributedDataParallel`` (gradients averaged over ranks);
