@@ -10,7 +10,7 @@ import torch
 from petmonai.config import default_config_path, load_config
 from petmonai.training import memory_format
 from petmonai.models import build_model, model_label, spatial_dims
-from petmonai.transforms import AxialSlices, AxialSlicesd, RandAxialSlicesd, build_evaluation, build_pipelines, slice_indices
+from petmonai.transforms import AxialSlices, RandAxialSlicesd, build_evaluation, build_pipelines, slice_indices
 
 CPU = torch.device("cpu")
 SMALL_2D = ["spacing=[4.8, 4.8, 4.8]", "spatial_size=[40, 40, 32]", "crop_size=[36, 36]", "num_slices=8",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from petmonai.config import LEGACY_MODULES, load_config, upgrade_legacy_names

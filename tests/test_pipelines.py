@@ -16,7 +16,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
 
 FIXTURE = Path(__file__).parent / "data" / "pipelines_45d4667.json"
 PIPELINES = ("preprocess", "augment", "evaluate")

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from petmonai.evaluation import evaluate_cv, scored_predictions
 from petmonai.evaluation import build_report

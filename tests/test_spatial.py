@@ -1,6 +1,5 @@
 """Spatial normalisation (issue 8): template, affine registration with its cache, SUVR, template mask."""
 
-import glob
 import json
 
 import numpy as np

@@ -15,12 +15,10 @@ from petmonai.audit.datalist import (  # noqa: F401
     rank_auc,
     write_audit,
 )
-
 from petmonai.audit.preprocessed import (  # noqa: F401
     preprocessed_separability,
     volume_properties,
 )
-
 from petmonai.audit.registration import (  # noqa: F401
     find_registration,
     registration_montage,

@@ -1,5 +1,41 @@
 """Commands: the ``petmonai`` command line (:mod:`petmonai.commands.cli`) and the workflows behind it."""
 
+from petmonai.commands.cli import (  # noqa: F401
+    COMMAND_MODULES,
+    anchor_main,
+    audit_main,
+    bench_main,
+    bench_predict_main,
+    build_template_main,
+    command_main,
+    compare_main,
+    convert_dicom_main,
+    experiments_main,
+    export_bundle_main,
+    export_main,
+    main,
+    predict_main,
+    report_main,
+    show_pipeline_main,
+    to_bids_main,
+    train3d_main,
+)
+from petmonai.commands.export import (  # noqa: F401
+    EXPORTED_CONFIG,
+    EXPORTED_DATALIST,
+    LOAD_PREPROCESSED,
+    export_preprocessed,
+    exported_config,
+    exported_datalist,
+    exported_path,
+    nifti_bytes,
+)
+from petmonai.commands.registry import (  # noqa: F401
+    COMMANDS,
+    Command,
+    command,
+    user_errors,
+)
 from petmonai.commands.workflows import (  # noqa: F401
     SYNTHETIC_BANNER,
     anchor_folds,
@@ -16,43 +52,4 @@ from petmonai.commands.workflows import (  # noqa: F401
     run_resources,
     show_pipeline,
     train,
-)
-
-from petmonai.commands.export import (  # noqa: F401
-    EXPORTED_CONFIG,
-    EXPORTED_DATALIST,
-    LOAD_PREPROCESSED,
-    export_preprocessed,
-    exported_config,
-    exported_datalist,
-    exported_path,
-    nifti_bytes,
-)
-
-from petmonai.commands.registry import (  # noqa: F401
-    COMMANDS,
-    Command,
-    command,
-    user_errors,
-)
-
-from petmonai.commands.cli import (  # noqa: F401
-    COMMAND_MODULES,
-    anchor_main,
-    audit_main,
-    bench_main,
-    bench_predict_main,
-    build_template_main,
-    command_main,
-    compare_main,
-    experiments_main,
-    convert_dicom_main,
-    export_bundle_main,
-    export_main,
-    main,
-    predict_main,
-    report_main,
-    show_pipeline_main,
-    to_bids_main,
-    train3d_main,
 )

@@ -10,7 +10,13 @@ from petmonai.commands.registry import command
 
 
 def compare_options(parser) -> None:
-    from petmonai.studies import DEFAULT_MODELS, MODELS, PROTOCOLS, QUICK_EPOCHS, REFERENCE
+    from petmonai.studies import (
+        DEFAULT_MODELS,
+        MODELS,
+        PROTOCOLS,
+        QUICK_EPOCHS,
+        REFERENCE,
+    )
 
     options.add_data_root(parser, help="real data (default: the synthetic demo cohort)")
     parser.add_argument("--cv", nargs="+", choices=PROTOCOLS, default=["subject"],

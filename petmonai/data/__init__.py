@@ -1,6 +1,13 @@
 """Data: discovery of a cohort (challenge folder layout, CSV, BIDS), its two classes, DICOM conversion, splits,
 cached datasets, the synthetic phantom cohort."""
 
+from petmonai.data.bids import (  # noqa: F401
+    LABEL_COLUMN,
+    bids_label,
+    is_bids,
+    parse_pet_name,
+    write_bids,
+)
 from petmonai.data.classes import (  # noqa: F401
     UNLABELLED,
     check_classes,
@@ -10,35 +17,30 @@ from petmonai.data.classes import (  # noqa: F401
     prob_column,
     run_classes,
 )
-
-from petmonai.data.bids import (  # noqa: F401
-    LABEL_COLUMN,
-    bids_label,
-    is_bids,
-    parse_pet_name,
-    write_bids,
+from petmonai.data.datasets import (  # noqa: F401
+    UntrackedDataset,
+    VolumeCache,
+    describe_failure,
 )
-
 from petmonai.data.dicom import (  # noqa: F401
     check_slices,
     convert_dicom,
     find_series,
     write_pet_series,
 )
-
 from petmonai.data.discover import (  # noqa: F401
     ADNI_SUBJECT,
     BIDS_COLUMNS,
     COLUMNS,
-    data_options,
-    discover_bids,
     NIFTI_SUFFIXES,
     bad_files_error,
     check_file_size,
     check_shape,
     check_unique_uuids,
     content_order,
+    data_options,
     discover,
+    discover_bids,
     discover_layout,
     fingerprint,
     is_nifti,
@@ -50,7 +52,6 @@ from petmonai.data.discover import (  # noqa: F401
     train_rows,
     verify_gzip,
 )
-
 from petmonai.data.splits import (  # noqa: F401
     FOLD_COLUMNS,
     LEAKY_PROTOCOLS,
@@ -62,13 +63,6 @@ from petmonai.data.splits import (  # noqa: F401
     load_folds,
     make_folds,
 )
-
-from petmonai.data.datasets import (  # noqa: F401
-    UntrackedDataset,
-    VolumeCache,
-    describe_failure,
-)
-
 from petmonai.data.synthetic import (  # noqa: F401
     BRAIN_OFFSET_MM,
     MCI_REGIONS,

@@ -4,23 +4,22 @@ from petmonai.evaluation.metrics import (  # noqa: F401
     METRIC_KEYS,
     METRIC_LABELS,
     PROTOCOL_TEXT,
-    metric_labels,
-    protocol_text,
     THRESHOLD_MODES,
     brier_score,
     calibration_bins,
     classification_metrics,
     evaluate_cv,
     fold_thresholds,
+    metric_labels,
     paired_auc_difference,
     parse_threshold,
+    protocol_text,
     scored_predictions,
     spread,
     subject_bootstrap,
     tune_threshold,
     weighted_metrics,
 )
-
 from petmonai.evaluation.reference import (  # noqa: F401
     FEATURES,
     MODEL_NAME,
@@ -31,7 +30,6 @@ from petmonai.evaluation.reference import (  # noqa: F401
     resample_transforms,
     run_reference_cv,
 )
-
 from petmonai.evaluation.report import (  # noqa: F401
     CLASS_COLOURS,
     CNN_NAME,

@@ -1,32 +1,32 @@
 """Inference: test-time views, the fold ensemble that predicts new scans, saliency maps."""
 
-from petmonai.inference.views import (  # noqa: F401
-    FLIP_PRESETS,
-    RandomSlices2D,
-    SlidingWindowFlips3D,
-    ViewStrategy,
-    default_views,
-    flips_form_group,
-    parse_flips,
-    register_views,
-    window_starts,
+from petmonai.inference.bundle import (  # noqa: F401
+    BUNDLE_COLUMNS,
+    ProbabilityWriter,
+    ScreenedDataset,
+    ViewEnsemble,
+    bundle_inputs,
+    screen_inputs,
 )
-
+from petmonai.inference.bundle_export import (  # noqa: F401
+    SCHEMA_FILE,
+    SCHEMA_URL,
+    export_bundle,
+)
 from petmonai.inference.predictor import (  # noqa: F401
+    POSITIVE_INDEX,
+    PROBABILITIES,
+    PROBABILITY_COLUMNS,
+    PROVENANCE,
+    SALIENCY_DIR,
+    SKIPPED,
+    SUBMISSION,
     FoldModel,
     HeldOutViews,
     InputFile,
     LoadedRun,
-    POSITIVE_INDEX,
-    PROBABILITIES,
-    PROBABILITY_COLUMNS,
-    probability_columns,
-    PROVENANCE,
     PredictionResult,
     Prepared,
-    SALIENCY_DIR,
-    SKIPPED,
-    SUBMISSION,
     apply_tracking_affine,
     check_extent,
     check_outputs,
@@ -50,6 +50,7 @@ from petmonai.inference.predictor import (  # noqa: F401
     prepare_all,
     preprocess_file,
     preprocess_path,
+    probability_columns,
     resolve_options,
     run_threshold,
     sha256_file,
@@ -58,7 +59,6 @@ from petmonai.inference.predictor import (  # noqa: F401
     torch_threads,
     training_subjects,
 )
-
 from petmonai.inference.saliency import (  # noqa: F401
     brain_only,
     gradcam_maps,
@@ -68,18 +68,14 @@ from petmonai.inference.saliency import (  # noqa: F401
     saliency_class,
     write_saliency,
 )
-
-from petmonai.inference.bundle import (  # noqa: F401
-    BUNDLE_COLUMNS,
-    ProbabilityWriter,
-    ScreenedDataset,
-    ViewEnsemble,
-    bundle_inputs,
-    screen_inputs,
-)
-
-from petmonai.inference.bundle_export import (  # noqa: F401
-    SCHEMA_FILE,
-    SCHEMA_URL,
-    export_bundle,
+from petmonai.inference.views import (  # noqa: F401
+    FLIP_PRESETS,
+    RandomSlices2D,
+    SlidingWindowFlips3D,
+    ViewStrategy,
+    default_views,
+    flips_form_group,
+    parse_flips,
+    register_views,
+    window_starts,
 )

@@ -1,5 +1,8 @@
 """Models: the registry of networks petmonai trains (3D SFCN, 3D/2D ResNet-18) and their facts."""
 
+from petmonai.models.checkpoints import (  # noqa: F401
+    load_weights,
+)
 from petmonai.models.registry import (  # noqa: F401
     MODEL_FACTS,
     MODELS,
@@ -17,8 +20,4 @@ from petmonai.models.registry import (  # noqa: F401
     saliency_layer,
     sfcn_3d,
     spatial_dims,
-)
-
-from petmonai.models.checkpoints import (  # noqa: F401
-    load_weights,
 )

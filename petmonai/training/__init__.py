@@ -1,10 +1,24 @@
 """Training: the Ignite/MONAI engine, cross-validation, torch.distributed helpers."""
 
+from petmonai.training.crossval import (  # noqa: F401
+    build_cache,
+    make_loader,
+    prefetch_thread,
+    preprocessed_check,
+    run_cross_validation,
+    summarise,
+    test_view_scorer,
+    train_fold,
+    training_dataset,
+    training_loader,
+    training_roles,
+    volume_store,
+)
 from petmonai.training.distributed import (  # noqa: F401
-    DistributedBatchSampler,
     RANK_SEED_STRIDE,
-    RankTrace,
     TRACE_ENV,
+    DistributedBatchSampler,
+    RankTrace,
     all_gather_object,
     backend_for,
     barrier,
@@ -26,7 +40,6 @@ from petmonai.training.distributed import (  # noqa: F401
     world_size,
     wrap_ddp,
 )
-
 from petmonai.training.engine import (  # noqa: F401
     EpochHistory,
     MixUpBatch,
@@ -49,22 +62,6 @@ from petmonai.training.engine import (  # noqa: F401
     training_loss,
     tune_cpu_allocator,
 )
-
-from petmonai.training.crossval import (  # noqa: F401
-    build_cache,
-    make_loader,
-    prefetch_thread,
-    preprocessed_check,
-    run_cross_validation,
-    summarise,
-    test_view_scorer,
-    train_fold,
-    training_dataset,
-    training_loader,
-    training_roles,
-    volume_store,
-)
-
 from petmonai.training.tracking import (  # noqa: F401
     RunTracker,
     attach_fold,
