@@ -163,3 +163,23 @@ def test_training_with_disk_cache_equals_memory(tiny_cohort, fast_config, tmp_pa
         oof[mode] = pd.read_csv(out / "oof_predictions.csv", dtype={"scan_id": str})
     assert len(list((tmp_path / "volumes").glob("*/*.pt"))) == len(oof["disk"])
     pd.testing.assert_frame_equal(oof["memory"], oof["disk"], check_exact=True)
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_the_loader_seeds_the_augmentation_as_the_cachedataset_did(tmp_path, on_disk):
+    """MONAI's DataLoader seeds the Randomizables of a dataset's attributes in order (set_rnd): the
+    cache's deterministic preprocessing takes the first seed and the augmentation the next, as with
+    the MONAI CacheDataset the cache used to be (else every training run's draws would change)."""
+    from monai.data.utils import set_rnd
+    from monai.transforms import RandFlipd
+
+    preprocess = Compose([LoadImaged("image"), EnsureChannelFirstd("image"), ScaleIntensityd("image")])
+    store = VolumeStore(tmp_path / "v", "d" * 16, {}) if on_disk else None
+    cache = VolumeCache(_simple_items(tmp_path, 2), preprocess, store=store, in_memory=not on_disk)
+    augment, expected = Compose([RandFlipd("image", prob=0.5)]), Compose([RandFlipd("image", prob=0.5)])
+    set_rnd(cache.subset(cache.scan_ids, augment), 7)
+    expected.set_random_state(seed=8)
+    assert str(augment.transforms[0].R.get_state()) == str(expected.transforms[0].R.get_state())
+    old = Compose([RandFlipd("image", prob=0.5)])
+    set_rnd(old, 7)
+    assert str(augment.transforms[0].R.get_state()) != str(old.transforms[0].R.get_state())  # the test can fail

@@ -34,6 +34,7 @@ listed in ``cache.skipped`` instead:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 
 from monai.data import Dataset, get_track_meta, set_track_meta
@@ -69,6 +70,10 @@ class VolumeCache:
                  workers: int = 1, store: VolumeStore | None = None, in_memory: bool = True,
                  failures: dict | None = None, progress: bool = False):
         self.items, self.store = list(items), store
+        # kept (besides describing the cache): MONAI's DataLoader seeds every Randomizable it finds in a
+        # dataset's attributes in order (monai.data.utils.set_rnd); this deterministic Compose takes the
+        # first seed, so the augmentation gets the next one, as when this cache was a CacheDataset
+        self.preprocess = preprocess
         fill = preprocess_scans(self.items, preprocess, workers, store, progress, threads=num_workers,
                                 skip=sorted(failures or {}))
         self.computed, self.workers, self.keys = fill.computed, fill.workers, fill.keys
@@ -100,8 +105,9 @@ class VolumeCache:
 
     def item(self, index: int) -> dict:
         """The preprocessed item at position ``index`` of ``items`` (read from disk without ``in_memory``)."""
-        produced = self.produced[index] if self.produced is not None else self.store.load(self.keys[index])
-        return {**self.items[index], **produced}
+        if self.produced is None:
+            return {**self.items[index], **self.store.load(self.keys[index])}
+        return {**self.items[index], **copy.deepcopy(self.produced[index])}
 
     def __getitem__(self, scan_id: str) -> dict:
         return self.item(self.index[scan_id])
