@@ -102,11 +102,16 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def timestamped_dir(prefix: str, root: str | Path = "runs") -> Path:
+    """``runs/<prefix>-<YYYYmmdd-HHMMSS>``: a command's output folder when none is given."""
+    return Path(root) / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def prepare_run_dir(path: str | Path | None, prefix: str = "train3d", overwrite: bool = False,
                     root: str | Path = "runs") -> Path:
     """Create the run folder. An existing non-empty folder is an error unless ``overwrite``."""
     if path is None:
-        path = Path(root) / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+        path = timestamped_dir(prefix, root)
     path = Path(path)
     if path.exists() and any(path.iterdir()):
         if not overwrite:

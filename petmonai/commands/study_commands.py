@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from petmonai.commands import options
@@ -47,11 +46,11 @@ def compare_options(parser) -> None:
                      "and recipe, the native 2D models and the PCA + LR reference on identical folds; write "
                      "comparison.md, comparison.png, comparison_loss.png, comparison.json.")
 def compare_command(args) -> None:
-    from petmonai.runs import setup_logging
+    from petmonai.runs import setup_logging, timestamped_dir
     from petmonai.studies import QUICK_EPOCHS, compare
 
     setup_logging(None)
-    out = args.output_dir or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.output_dir or timestamped_dir("compare")
     max_epochs = args.max_epochs if args.max_epochs is not None else (QUICK_EPOCHS if args.quick else None)
     study = {"folds": args.folds, "repeats": args.repeats, "device": args.device, "seed": args.seed,
              "max_epochs": max_epochs, "overrides": args.overrides, "quick": args.quick,
@@ -161,11 +160,11 @@ def bench_scale_options(parser) -> None:
                      "workers, one fold trained from the on-disk cache (epoch time, peak memory), its held-out scans "
                      "predicted; the issue's targets checked; scale.json, scale.md and a log-log plot written.")
 def bench_scale_command(args) -> None:
-    from petmonai.runs import setup_logging
+    from petmonai.runs import setup_logging, timestamped_dir
     from petmonai.studies import bench_scale
 
     setup_logging(None)
-    out = args.output_dir or Path("runs") / f"scale-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.output_dir or timestamped_dir("scale")
     bench_scale(out, sizes=args.sizes, workers=args.workers, epochs=args.epochs, device=args.device,
                 overrides=args.overrides, seed=0 if args.seed is None else args.seed, torchrun_size=args.torchrun_size, command=args.invocation,
                 docs=args.docs, keep=args.keep)
