@@ -7,7 +7,7 @@ import json
 import pytest
 
 from petmonai.commands import main
-from petmonai.studies.scale_report import COLUMNS, PLACEHOLDER, render_docs
+from petmonai.studies.scale_report import COLUMNS, NOT_MEASURED, render_docs
 
 
 @pytest.mark.slow
@@ -37,10 +37,10 @@ def test_bench_scale_end_to_end(tmp_path, fast_config, capsys):
     assert results["torchrun"]["n"] == 4 and results["torchrun"]["split_s"] > 0
     page = docs.read_text()
     assert (docs.parent / "scale.png").is_file()
-    assert PLACEHOLDER not in page and "10,000 scans" in page and (out / "scale.md").read_text().split("\n", 2)[2] in page
+    assert NOT_MEASURED not in page and "10,000 scans" in page and (out / "scale.md").read_text().split("\n", 2)[2] in page
     assert "| figure | N=6 | N=12 |" in capsys.readouterr().out
 
 
-def test_docs_page_without_results_has_placeholders_only():
+def test_docs_page_without_results_states_no_figure():
     page = render_docs(None)
-    assert PLACEHOLDER in page and "bench-scale" in page
+    assert NOT_MEASURED in page and "bench-scale" in page and "| N=" not in page and "(measured" not in page
