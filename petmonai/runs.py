@@ -102,6 +102,12 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def refuse_nonempty_folder(path: Path, overwrite: bool) -> None:
+    """The error for an output folder that exists and holds files, unless ``overwrite``."""
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise PetmonaiError(f"{path}: exists and is not empty; choose a new folder or pass --overwrite")
+
+
 def timestamped_dir(prefix: str, root: str | Path = "runs") -> Path:
     """``runs/<prefix>-<YYYYmmdd-HHMMSS>``: a command's output folder when none is given."""
     return Path(root) / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -353,6 +353,14 @@ def export_scans(data_root: str | Path, output_dir: str | Path, config=None, ove
     return export_preprocessed(cfg, output_dir, skip_bad=skip_bad)
 
 
+def _new_output(output: str | Path, overwrite: bool) -> Path:
+    """``output`` as a Path; an error if it exists, unless ``overwrite``."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise PetmonaiError(f"{output} exists; use --overwrite to replace it")
+    return output
+
+
 def build_template(inputs, output: str | Path, config=None, overrides=(), iterations: int = 1,
                    skip_bad: bool = False, overwrite: bool = False):
     """Everything ``petmonai build-template`` does: the mean of ``inputs`` registered as ``config``
@@ -364,9 +372,7 @@ def build_template(inputs, output: str | Path, config=None, overrides=(), iterat
     )
 
     setup_logging(None)
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise PetmonaiError(f"{output} exists; use --overwrite to replace it")
+    output = _new_output(output, overwrite)
     cfg = load_config(config or default_config_path(), list(overrides))
     if cfg["template"].get("image"):
         raise PetmonaiError(f"the config registers to template.image={cfg['template']['image']}; build a study "
@@ -408,9 +414,7 @@ def show_pipeline(image: str | Path, output: str | Path, config=None, overrides=
     )
 
     setup_logging(None)
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise PetmonaiError(f"{output} exists; use --overwrite to replace it")
+    output = _new_output(output, overwrite)
     config_path = config or default_config_path()
     steps = preview_pipeline(build_pipelines(load_config(config_path, list(overrides)))[0], image)
     plot_pipeline(steps, output, title=f"{Path(image).name}: preprocess of {config_path}")

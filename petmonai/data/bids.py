@@ -53,6 +53,7 @@ from petmonai.runs import (
     atomic_write_json,
     atomic_write_text,
     get_logger,
+    refuse_nonempty_folder,
     staged_folder,
 )
 
@@ -290,8 +291,7 @@ def write_bids(datalist: pd.DataFrame, out: str | Path, *, tracer: str | None = 
     source files instead of copies. Written into a temporary folder beside ``out``, then renamed: nothing
     is left half-written."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise PetmonaiError(f"{out}: exists and is not empty; choose a new folder or pass --overwrite")
+    refuse_nonempty_folder(out, overwrite)
     plan = _plan_bids(datalist, tracer, dict(rename or {}))
     with staged_folder(out) as tmp:
         for src, rel, sub, ses in zip(plan["image"], plan["bids_path"], plan["bids_sub"], plan["bids_ses"]):

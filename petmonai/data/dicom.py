@@ -47,6 +47,7 @@ from petmonai.runs import (
     atomic_write_json,
     atomic_write_text,
     get_logger,
+    refuse_nonempty_folder,
     staged_folder,
 )
 
@@ -277,8 +278,7 @@ def convert_dicom(dicom_dir: str | Path, output: str | Path, mapping: str | Path
     A folder without PET series, a PET series with uneven slices or one dcm2niix cannot make into a
     single image is an error naming it; nothing is written then."""
     root, output = Path(dicom_dir), Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise PetmonaiError(f"{output}: exists and is not empty; choose a new folder or pass --overwrite")
+    refuse_nonempty_folder(output, overwrite)
     all_series = find_series(root)
     pet = [s for s in all_series if s.modality == PET_MODALITY]
     skipped = [{"series": s.describe(root), "reason": f"modality {s.modality or 'unknown'}, not PET"}

@@ -442,8 +442,8 @@ def content_order(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return df.reset_index(drop=True)
     keys = df["image"].map(lambda path: sha256_file(path) if Path(path).is_file() else "")
-    order = sorted(range(len(df)), key=lambda i: (keys.iloc[i], str(df["scan_id"].iloc[i])))
-    return df.iloc[order].reset_index(drop=True)
+    order = pd.DataFrame({"key": keys, "scan_id": df["scan_id"].astype(str)}).sort_values(["key", "scan_id"]).index
+    return df.loc[order].reset_index(drop=True)
 
 
 def fingerprint(paths) -> str:
