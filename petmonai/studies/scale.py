@@ -41,7 +41,11 @@ log = get_logger("scale")
 #: least 80% efficient, peak training memory (disk cache) within 20%; under 2-process torchrun the first
 #: preprocessing in at most 60% of the wall time it took when every rank preprocessed every scan
 TARGETS = {"constant_within": 0.20, "worker_efficiency": 0.80, "torchrun_time_share": 0.60}
-FIXED = ["train.progress_bar=false", "report.write=false", "report.reference_model=false"]
+#: every measurement's settings; the registration check's threshold is off: it was set on real scans (docs/
+#: experiments.md) and rejects about 1 phantom in 100, which the benchmark would otherwise have to leave out
+#: (the scan is registered, and costs, all the same)
+FIXED = ["train.progress_bar=false", "report.write=false", "report.reference_model=false",
+         "template.min_correlation=0"]
 
 
 def _env(cache: Path) -> dict:
