@@ -40,12 +40,12 @@ def test_help_lists_every_command(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     for name in ("train", "predict", "audit", "report", "compare", "experiments", "bench", "bench-predict",
-                 "export-preprocessed", "build-template", "anchor-folds", "show-pipeline"):
+                 "export-preprocessed", "preprocess", "build-template", "anchor-folds", "show-pipeline"):
         assert re.search(rf"^\s+{re.escape(name)}\b", out, re.M), name
 
 
-@pytest.mark.parametrize("name", ["train", "audit", "export-preprocessed", "build-template", "show-pipeline",
-                                  "compare", "experiments", "bench"])
+@pytest.mark.parametrize("name", ["train", "audit", "preprocess", "export-preprocessed", "build-template",
+                                  "show-pipeline", "compare", "experiments", "bench"])
 def test_config_overrides_are_spelled_alike(name):
     """--set KEY=VALUE, repeatable, lands in the same place for every command that takes a config."""
     from petmonai.commands.registry import build_parser

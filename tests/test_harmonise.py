@@ -154,3 +154,23 @@ def test_experiment_configs_augment_a_preprocessed_volume(path):
     for _ in range(3):  # several draws: the probabilistic transforms fire in some of them
         out = augment({"image": volume.clone(), "label": 1})["image"]
         assert tuple(out.shape[1:]) == tuple(cfg["crop_size"]) and torch.isfinite(torch.as_tensor(out)).all()
+
+
+def test_the_registration_montage_of_a_large_cohort_draws_the_worst_scans(tmp_path):
+    """A cohort of thousands would need thousands of tiles: beyond the limit the montage draws the scans
+    least like the template, and its title says so."""
+    from petmonai.audit import find_registration, registration_montage, template_correlations
+    from petmonai.audit.registration import montage_scans
+    from petmonai.transforms import on_grid
+
+    register = find_registration(build_pipelines(load_config(None))[0])
+    shape = (32, 40, 32)
+    template = on_grid(register.template.image, shape).astype(np.float32)
+    rng = np.random.default_rng(0)
+    volumes = {f"s{i}": (template + rng.normal(0, 0.1 * i, shape).astype(np.float32))[None] for i in range(8)}
+    corr = template_correlations(volumes, register)
+    assert montage_scans(volumes, corr, limit=3) == ["s5", "s6", "s7"]  # the noisiest: least like it
+    assert montage_scans(volumes, corr, limit=8) == list(volumes)
+    small = registration_montage(volumes, register, tmp_path / "all.png", corr, limit=8)
+    large = registration_montage(volumes, register, tmp_path / "worst.png", corr, limit=3)
+    assert large.is_file() and small.is_file() and large.stat().st_size < small.stat().st_size

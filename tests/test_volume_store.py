@@ -183,3 +183,24 @@ def test_the_loader_seeds_the_augmentation_as_the_cachedataset_did(tmp_path, on_
     old = Compose([RandFlipd("image", prob=0.5)])
     set_rnd(old, 7)
     assert str(augment.transforms[0].R.get_state()) != str(old.transforms[0].R.get_state())  # the test can fail
+
+
+def test_preprocess_command_fills_the_cache_that_training_reads(tiny_cohort, fast_config, tmp_path, capsys):
+    """``petmonai preprocess`` once: every training scan in the on-disk cache; a second call and the
+    training's cache (same config, ``data.cache: disk``) compute nothing; a missing folder is one error."""
+    from petmonai.commands import main
+    from petmonai.training import build_cache
+
+    sets = [f"--set={s}" for s in [*fast_config, f"template.cache_dir={tmp_path / 'registration'}",
+                                   f"data.cache_dir={tmp_path / 'volumes'}"]]
+    assert main(["preprocess", "--data-root", str(tiny_cohort), *sets]) == 0
+    first = capsys.readouterr().out
+    assert "12 scans preprocessed in" in first and "(12 now, 0 already there;" in first
+    assert len(list((tmp_path / "volumes").glob("*/*.pt"))) == 12
+    assert main(["preprocess", "--data-root", str(tiny_cohort), *sets]) == 0
+    assert "(0 now, 12 already there;" in capsys.readouterr().out
+    cfg = _fast_cfg(fast_config, tmp_path, "data.cache=disk")
+    cache = build_cache(cfg, train_rows(discover(tiny_cohort)), build_pipelines(cfg)[0])
+    assert cache.computed == 0 and len(cache) == 12 and len(list((tmp_path / "registration").glob("*.json"))) == 12
+    assert main(["preprocess", "--data-root", str(tmp_path / "missing"), *sets]) == 2
+    assert "missing" in capsys.readouterr().err

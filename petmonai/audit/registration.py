@@ -42,10 +42,30 @@ def template_correlations(volumes: dict, register: RegisterToTemplate) -> dict[s
     return out
 
 
+#: scans drawn at most in the registration montage (a cohort of thousands would need thousands of tiles)
+MONTAGE_SCANS = 59
+
+
+def montage_scans(scan_ids, correlations: dict | None = None, limit: int = MONTAGE_SCANS) -> list:
+    """The scans the montage draws: all of them up to ``limit``; beyond it the ``limit`` with the lowest
+    template correlation (the ones to check by eye), in their own order.
+
+    >>> montage_scans(["a", "b", "c"], {"a": 0.9, "b": 0.5, "c": 0.7}, limit=2)
+    ['b', 'c']
+    """
+    scan_ids = list(scan_ids)
+    if len(scan_ids) <= limit:
+        return scan_ids
+    worst = set(sorted(scan_ids, key=lambda s: (correlations or {}).get(s, 0.0))[:limit])
+    return [s for s in scan_ids if s in worst]
+
+
 def registration_montage(volumes: dict, register: RegisterToTemplate, path: str | Path,
-                         correlations: dict | None = None, labels: dict | None = None) -> Path:
-    """One PNG to check every registration by eye: the template, then each registered scan in three
-    planes through the template centre, with the template brain outline drawn over it."""
+                         correlations: dict | None = None, labels: dict | None = None,
+                         limit: int = MONTAGE_SCANS) -> Path:
+    """One PNG to check registrations by eye: the template, then each registered scan in three planes
+    through the template centre, with the template brain outline drawn over it; beyond ``limit`` scans,
+    the ``limit`` with the lowest template correlation (:func:`montage_scans`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,7 +75,8 @@ def registration_montage(volumes: dict, register: RegisterToTemplate, path: str 
     first = np.asarray(next(iter(volumes.values())))[0]
     image, brain = on_grid(t.image, first.shape), on_grid(t.brain(), first.shape).astype(float)
     cx, cy, cz = (np.argwhere(brain > 0).mean(axis=0)).round().astype(int)
-    tiles = [("template", image)] + [(sid, np.asarray(v)[0]) for sid, v in volumes.items()]
+    shown = montage_scans(volumes.keys(), correlations, limit)
+    tiles = [("template", image)] + [(sid, np.asarray(volumes[sid])[0]) for sid in shown]
     cols = 6
     rows = -(-len(tiles) // cols)
     fig, axes = plt.subplots(rows, cols * 3, figsize=(cols * 3 * 1.1, rows * 1.3))
@@ -77,7 +98,8 @@ def registration_montage(volumes: dict, register: RegisterToTemplate, path: str 
             title += f" ({labels[name]})"
         axes[r, c * 3 + 1].set_title(title, fontsize=6)
     target = register.template_image.name if register.template_image is not None else "the MNI FDG template"
-    fig.suptitle(f"Registration to {target} (red: template brain outline)", fontsize=9)
+    which = "" if len(shown) == len(volumes) else f"; the {len(shown)} of {len(volumes)} scans least like it"
+    fig.suptitle(f"Registration to {target} (red: template brain outline{which})", fontsize=9)
     fig.tight_layout()
     fig.set_dpi(90)
     from petmonai.runs import save_figure

@@ -1,5 +1,5 @@
-"""Commands on data and preprocessing: ``petmonai audit``, ``export-preprocessed``, ``build-template``,
-``show-pipeline``."""
+"""Commands on data and preprocessing: ``petmonai audit``, ``preprocess``, ``export-preprocessed``,
+``build-template``, ``show-pipeline``."""
 
 from __future__ import annotations
 
@@ -25,6 +25,23 @@ def audit_command(args) -> None:
 
     audit(args.data_root, output_dir=args.output_dir, skip_bad=args.skip_bad, config=args.config,
           overrides=args.overrides)
+
+
+def preprocess_options(parser) -> None:
+    options.add_data_root(parser, required=True)
+    options.add_config(parser, help="whose preprocessing to run: the config you will train with (default: train3d)")
+    options.add_skip_bad(parser, help="leave out scans that cannot be read or preprocessed (listed)")
+
+
+@command("preprocess", "Preprocess a cohort once into the on-disk cache that training reads.", preprocess_options,
+         description="Preprocess (decode, register, resample) every training scan once, in data.preprocess_workers "
+                     "processes, into the on-disk volume cache (data.cache_dir). A later `petmonai train --set "
+                     "data.cache=disk` with the same config and data reads it instead of preprocessing; scans "
+                     "already there are not done again.")
+def preprocess_command(args) -> None:
+    from petmonai.commands.workflows import preprocess_cohort
+
+    preprocess_cohort(args.data_root, config=args.config, overrides=args.overrides, skip_bad=args.skip_bad)
 
 
 def export_options(parser) -> None:

@@ -20,7 +20,7 @@ import pandas as pd
 import petmonai.training.distributed as dist
 from petmonai.audit import audit_datalist, audit_text, write_audit
 from petmonai.config import default_config_path, dump_yaml, load_config
-from petmonai.data import data_options, discover, fingerprint, run_classes
+from petmonai.data import data_options, discover, fingerprint, run_classes, train_rows
 from petmonai.device import resolve_device
 from petmonai.errors import PetmonaiError
 from petmonai.runs import (
@@ -351,6 +351,44 @@ def export_scans(data_root: str | Path, output_dir: str | Path, config=None, ove
     setup_logging(None)
     cfg = load_config(config or default_config_path(), [*overrides, f"data.root={data_root}"])
     return export_preprocessed(cfg, output_dir, skip_bad=skip_bad)
+
+
+def preprocess_cohort(data_root: str | Path, config=None, overrides=(), skip_bad: bool = False) -> dict | None:
+    """Everything ``petmonai preprocess`` does: every training scan of ``data_root`` preprocessed as the
+    config preprocesses it, into the on-disk volume cache (``data.cache_dir``) in
+    ``data.preprocess_workers`` processes, so that ``petmonai train --set data.cache=disk`` with the same
+    config starts training at once, on this machine or any that sees the folder. Under torchrun the
+    processes (on one or several machines) split the scans. Prints one line (and each skipped file);
+    returns the counts (None on the other ranks)."""
+    setup_logging(None)
+    cfg = load_config(config or default_config_path(),
+                      [*overrides, f"data.root={data_root}", "data.cache=disk", f"data.skip_bad={bool(skip_bad)}"])
+    return dist.run_parallel("cpu", _preprocess_cohort, cfg, Path(data_root), bool(skip_bad))
+
+
+def _preprocess_cohort(cfg: dict, data_root: Path, skip_bad: bool) -> dict | None:
+    """:func:`preprocess_cohort` after the config, in every process under torchrun."""
+    from petmonai.training import build_cache
+    from petmonai.transforms import build_pipelines
+
+    skipped: list[dict] = []
+    train = train_rows(discover(data_root, skip_bad=skip_bad, skipped=skipped, **data_options(cfg)))
+    if train.empty:
+        raise PetmonaiError(f"{data_root}: no training scans found (nothing to preprocess)")
+    t0 = time.perf_counter()
+    cache = build_cache(cfg, train, build_pipelines(cfg)[0])
+    seconds = time.perf_counter() - t0
+    if not dist.is_main():
+        return None
+    size = sum(cache.store.path(cache.keys[i]).stat().st_size for i in cache.index.values())
+    result = {"scans": len(cache), "computed": cache.computed, "skipped": skipped + cache.skipped,
+              "folder": str(cache.store.folder), "bytes": size, "seconds": seconds}
+    for item in result["skipped"]:
+        print(f"skipped: {item['image']}: {item['problem']}")
+    print(f"{len(cache)} scans preprocessed in {cache.store.folder} ({cache.computed} now, "
+          f"{len(cache) - cache.computed} already there; {size / 2**20:.1f} MB) in {seconds:.1f} s; "
+          f"train on them with --set data.cache=disk and the same config")
+    return result
 
 
 def _new_output(output: str | Path, overwrite: bool) -> Path:

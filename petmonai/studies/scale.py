@@ -42,8 +42,8 @@ log = get_logger("scale")
 #: preprocessing in at most 60% of the wall time it took when every rank preprocessed every scan
 TARGETS = {"constant_within": 0.20, "worker_efficiency": 0.80, "torchrun_time_share": 0.60}
 #: every measurement's settings; the registration check's threshold is off: it was set on real scans (docs/
-#: experiments.md) and rejects about 1 phantom in 100, which the benchmark would otherwise have to leave out
-#: (the scan is registered, and costs, all the same)
+#: experiments.md) and rejects 1 of the first 100 phantoms (seed 0), which the benchmark would otherwise
+#: have to leave out (the scan is registered, and costs, all the same)
 FIXED = ["train.progress_bar=false", "report.write=false", "report.reference_model=false",
          "template.min_correlation=0"]
 
