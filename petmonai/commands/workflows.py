@@ -363,16 +363,19 @@ def preprocess_cohort(data_root: str | Path, config=None, overrides=(), skip_bad
     setup_logging(None)
     cfg = load_config(config or default_config_path(),
                       [*overrides, f"data.root={data_root}", "data.cache=disk", f"data.skip_bad={bool(skip_bad)}"])
-    return dist.run_parallel("cpu", _preprocess_cohort, cfg, Path(data_root), bool(skip_bad))
+    return dist.run_parallel("cpu", _preprocess_cohort, cfg)
 
 
-def _preprocess_cohort(cfg: dict, data_root: Path, skip_bad: bool) -> dict | None:
-    """:func:`preprocess_cohort` after the config, in every process under torchrun."""
+def _preprocess_cohort(cfg: dict) -> dict | None:
+    """:func:`preprocess_cohort` after the config (``data.root``, ``data.skip_bad``), in every process
+    under torchrun."""
     from petmonai.training import build_cache
     from petmonai.transforms import build_pipelines
 
     skipped: list[dict] = []
-    train = train_rows(discover(data_root, skip_bad=skip_bad, skipped=skipped, **data_options(cfg)))
+    data_root = cfg["data"]["root"]
+    train = train_rows(discover(data_root, skip_bad=bool(cfg["data"]["skip_bad"]), skipped=skipped,
+                                **data_options(cfg)))
     if train.empty:
         raise PetmonaiError(f"{data_root}: no training scans found (nothing to preprocess)")
     t0 = time.perf_counter()

@@ -54,7 +54,8 @@ def render_table(results: dict) -> str:
     if ddp:
         lines += ["", (f"torchrun, {ddp['processes']} gloo processes, first use of N={ddp['n']} scans: each scan "
                        f"once (split) {fmt(ddp['split_s'])} s, every rank every scan (before) {fmt(ddp['all_s'])} s: "
-                       f"{fmt(ddp['split_s'] / ddp['all_s'])} of the time (speedup {fmt(ddp['speedup'])}).")]
+                       f"{fmt(results['targets']['torchrun_first_use_time_share']['value'])} of the time "
+                       f"(speedup {fmt(ddp['speedup'])}).")]
     m = results["machine"]
     return (f"# Scale benchmark\n\nCommand: `{results['command']}`\n\nMachine: {m['cpu']}, {results['cores']} cores, "
             f"{m['memory_gb']} GB RAM, GPU: {m['gpu'] or 'none'}; training device {results['options']['device']}, "
@@ -169,6 +170,6 @@ above check that they are constant in N); 16 workers as efficient as the measure
 ({v('efficiency')}), which is optimistic where memory bandwidth or the file system limits; the same
 scan size and preprocessing as the benchmark (the default config, registration at 6 mm, its
 correlation check off: the threshold was set on real scans, and 1 of the first 100 phantoms falls
-below it; it is registered, and costs, all the same); the GPU's training speed is not measured here (see gpu.md), so the CPU
-epoch time is an upper bound.
+below it; it is registered, and costs, all the same); the GPU's training speed is not measured
+here (see gpu.md), so the CPU epoch time is an upper bound.
 """
