@@ -123,10 +123,10 @@ def build_cache(cfg: dict, datalist: pd.DataFrame, preprocess) -> VolumeCache:
                         workers=workers, store=store, in_memory=data["cache"] == "memory", failures=failures,
                         progress=show)
     cache.computed += computed  # the scans preprocessed now, by every rank
+    used = cache.workers if world == 1 else workers
     log.info("preprocessed %d volumes (%d computed now, %d from the %s cache) in %.1fs, %d worker process%s "
              "(%d skipped)", len(cache), cache.computed, len(cache) - cache.computed,
-             data["cache"], time.perf_counter() - t0, cache.workers if world == 1 else workers,
-             "" if workers == 1 else "es", len(cache.skipped))
+             data["cache"], time.perf_counter() - t0, used, "" if used == 1 else "es", len(cache.skipped))
     return cache
 
 
